@@ -1,0 +1,22 @@
+"""One module per `task=` value. Each module defines ``Schema`` (a TaskConfig subclass),
+``DESCRIPTION`` (one line for --help) and ``run(cfg, ctx) -> dict``.
+
+Modules are imported only when their task runs, except for their schema, so keep module-level
+imports light (heavy imports go inside ``run``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# task name -> module; the order is the order shown by `python run.py --help`.
+TASKS: dict[str, str] = {
+    "info": "clipportrait.tasks.info",
+}
+
+
+def load_task(name: str) -> ModuleType:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; available tasks: {', '.join(TASKS)}")
+    return importlib.import_module(TASKS[name])
