@@ -1,0 +1,1 @@
+"""Image metrics: FID/KID with an offline Inception, LPIPS with offline weights."""
