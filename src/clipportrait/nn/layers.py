@@ -1,0 +1,237 @@
+"""StyleGAN2 building blocks in pure PyTorch (no compiled extensions).
+
+Equalised learning rate (weights stored at unit variance, scaled at run time), fused bias +
+activation + clamp, FIR up/down-sampling (``upfirdn2d`` semantics of StyleGAN2: zero-insertion
+upsampling, padding, true convolution with the filter, decimation) and modulated convolution with
+demodulation. Everything is shape-static so ``torch.compile`` traces it without graph breaks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LRELU_SLOPE = 0.2
+LRELU_GAIN = math.sqrt(2.0)
+DEFAULT_FIR = (1.0, 3.0, 3.0, 1.0)
+
+
+def fir_filter(taps: tuple[float, ...] = DEFAULT_FIR) -> torch.Tensor:
+    """1-D FIR filter normalised to unit sum (applied separably along H and W)."""
+    if len(taps) == 0:
+        raise ValueError("taps: expected at least one filter tap, got an empty sequence")
+    f = torch.as_tensor(taps, dtype=torch.float32)
+    if float(f.sum()) == 0.0:
+        raise ValueError(f"taps={taps}: filter taps must not sum to zero")
+    return f / f.sum()
+
+
+def upfirdn2d(
+    x: torch.Tensor,
+    f: torch.Tensor,
+    up: int = 1,
+    down: int = 1,
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    gain: float = 1.0,
+) -> torch.Tensor:
+    """Upsample (zero insertion), pad, convolve with separable 1-D filter ``f``, then decimate.
+
+    ``padding`` is (left, right, top, bottom) in pixels of the upsampled image; negative values
+    crop. ``gain`` multiplies the 2-D result (use ``up**2`` after upsampling to keep the DC level).
+    """
+    if x.ndim != 4:
+        raise ValueError(f"x: expected a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if f.ndim != 1:
+        raise ValueError(f"f: expected a 1-D separable filter, got shape {tuple(f.shape)}")
+    if up < 1 or down < 1:
+        raise ValueError(f"up={up}, down={down}: both must be >= 1")
+    batch, channels, height, width = x.shape
+    if up > 1:
+        x = x.reshape(batch, channels, height, 1, width, 1)
+        x = F.pad(x, [0, up - 1, 0, 0, 0, up - 1])
+        x = x.reshape(batch, channels, height * up, width * up)
+    left, right, top, bottom = padding
+    x = F.pad(x, [max(left, 0), max(right, 0), max(top, 0), max(bottom, 0)])
+    x = x[:, :, max(-top, 0) : x.shape[2] - max(-bottom, 0), max(-left, 0) : x.shape[3] - max(-right, 0)]
+    # conv2d correlates, so flip the filter to get a true convolution (matters for asymmetric taps).
+    taps = f.flip(0).to(dtype=x.dtype, device=x.device) * math.sqrt(gain)
+    k = taps.numel()
+    weight_w = taps.view(1, 1, 1, k).expand(channels, 1, 1, k)
+    weight_h = taps.view(1, 1, k, 1).expand(channels, 1, k, 1)
+    x = F.conv2d(x, weight_w, stride=(1, down), groups=channels)
+    x = F.conv2d(x, weight_h, stride=(down, 1), groups=channels)
+    return x
+
+
+def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
+    """FIR upsampling by ``up``: output is exactly ``up`` times larger, DC gain 1."""
+    k = f.numel()
+    pad0, pad1 = (k + up - 1) // 2, (k - up) // 2
+    return upfirdn2d(x, f, up=up, padding=(pad0, pad1, pad0, pad1), gain=up**2)
+
+
+def downsample2d(x: torch.Tensor, f: torch.Tensor, down: int = 2) -> torch.Tensor:
+    """FIR anti-aliased downsampling by ``down``: output is exactly ``down`` times smaller."""
+    k = f.numel()
+    pad0, pad1 = (k - down + 1) // 2, (k - down) // 2
+    return upfirdn2d(x, f, down=down, padding=(pad0, pad1, pad0, pad1))
+
+
+def bias_act(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str = "linear",
+    gain: float = 1.0,
+    clamp: float | None = None,
+) -> torch.Tensor:
+    """Add per-channel bias (dim 1), apply activation with its gain, scale, clamp to +-clamp*gain."""
+    if bias is not None:
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        x = x + bias.to(x.dtype).reshape(shape)
+    if activation == "lrelu":
+        x = F.leaky_relu(x, LRELU_SLOPE) * (LRELU_GAIN * gain)
+    elif activation == "linear":
+        x = x * gain if gain != 1.0 else x
+    else:
+        raise ValueError(f"activation={activation!r}: expected 'linear' or 'lrelu'")
+    if clamp is not None:
+        x = x.clamp(-clamp * gain, clamp * gain)
+    return x
+
+
+def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
+
+
+class FullyConnected(nn.Module):
+    """Equalised-lr linear layer: weight ~ N(0, 1/lr_mul^2), scaled by lr_mul/sqrt(in) at run time."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        activation: str = "linear",
+        lr_multiplier: float = 1.0,
+        bias_init: float = 0.0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features={in_features}, out_features={out_features}: both must be >= 1")
+        self.activation = activation
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_multiplier)
+        self.bias = nn.Parameter(torch.full([out_features], float(bias_init) / lr_multiplier)) if bias else None
+        self.weight_gain = lr_multiplier / math.sqrt(in_features)
+        self.bias_gain = lr_multiplier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight * self.weight_gain
+        b = self.bias * self.bias_gain if self.bias is not None else None
+        # The bias goes into F.linear (addmm) so inputs of any rank (..., in) work.
+        return bias_act(F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype)), None, self.activation)
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, activation={self.activation}"
+
+
+class Conv2dLayer(nn.Module):
+    """Equalised-lr conv with optional FIR up/down-sampling, bias, activation and clamp."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        bias: bool = True,
+        activation: str = "linear",
+        up: int = 1,
+        down: int = 1,
+        conv_clamp: float | None = None,
+        resample_taps: tuple[float, ...] = DEFAULT_FIR,
+    ) -> None:
+        super().__init__()
+        if up > 1 and down > 1:
+            raise ValueError(f"up={up}, down={down}: a layer resamples in one direction only")
+        self.activation, self.up, self.down, self.conv_clamp = activation, up, down, conv_clamp
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.register_buffer("resample_filter", fir_filter(resample_taps), persistent=False)
+
+    def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        w = self.weight * self.weight_gain
+        f = self.resample_filter
+        k = f.numel()
+        if self.up > 1:
+            x = upsample2d(x, f, self.up)
+            x = F.conv2d(x, w.to(x.dtype), padding=self.padding)
+        elif self.down > 1:
+            # Low-pass with the FIR filter, then a strided conv (StyleGAN2's downsampling conv).
+            pad0 = self.padding + (k - self.down + 1) // 2
+            pad1 = self.padding + (k - self.down) // 2
+            x = upfirdn2d(x, f, padding=(pad0, pad1, pad0, pad1))
+            x = F.conv2d(x, w.to(x.dtype), stride=self.down)
+        else:
+            x = F.conv2d(x, w.to(x.dtype), padding=self.padding)
+        return bias_act(x, self.bias, self.activation, gain=gain, clamp=self.conv_clamp)
+
+    def extra_repr(self) -> str:
+        o, i, k, _ = self.weight.shape
+        return f"in={i}, out={o}, k={k}, up={self.up}, down={self.down}, activation={self.activation}"
+
+
+def modulated_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    styles: torch.Tensor,
+    demodulate: bool = True,
+    up: int = 1,
+    resample_filter: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """StyleGAN2 modulated convolution, computed as conv(x * s) * d (the batched, non-grouped form).
+
+    Per sample b: w'_{oik} = s_{bi} w_{oik}; with demodulation w''_{oik} = w'_{oik} / sqrt(sum_ik
+    w'^2_{oik} + 1e-8). Scaling the input by s and the output by the demodulation coefficient is
+    the same linear map and lets every sample share one ordinary (cuDNN) convolution.
+    """
+    if x.ndim != 4 or styles.ndim != 2 or styles.shape != (x.shape[0], x.shape[1]):
+        raise ValueError(
+            f"x {tuple(x.shape)} / styles {tuple(styles.shape)}: expected x (B, I, H, W) and styles (B, I)"
+        )
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight {tuple(weight.shape)}: expected {x.shape[1]} input channels")
+    x = x * styles.to(x.dtype).reshape(styles.shape[0], -1, 1, 1)
+    if up > 1:
+        if resample_filter is None:
+            raise ValueError("resample_filter: required when up > 1")
+        x = upsample2d(x, resample_filter, up)
+    x = F.conv2d(x, weight.to(x.dtype), padding=weight.shape[-1] // 2)
+    if demodulate:
+        # sum_ik (s_i w_oik)^2 = (s^2) @ (sum_k w_oik^2)^T, computed in float32 for stability.
+        styles32 = styles.float()
+        dcoefs = (styles32.square() @ weight.float().square().sum(dim=(2, 3)).t() + 1e-8).rsqrt()
+        x = x * dcoefs.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
+    return x
+
+
+class MinibatchStd(nn.Module):
+    """Appends the across-group standard deviation of features as extra channels (StyleGAN2 D)."""
+
+    def __init__(self, group_size: int, num_channels: int = 1) -> None:
+        super().__init__()
+        self.group_size, self.num_channels = group_size, num_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = min(self.group_size, n)
+        if n % g != 0:
+            raise ValueError(f"batch size {n}: must be divisible by the minibatch-std group size {g}")
+        f = self.num_channels
+        y = x.float().reshape(g, -1, f, c // f, h, w)
+        y = (y - y.mean(dim=0)).square().mean(dim=0).add(1e-8).sqrt()
+        y = y.mean(dim=(2, 3, 4)).reshape(-1, f, 1, 1).repeat(g, 1, h, w)
+        return torch.cat([x, y.to(x.dtype)], dim=1)

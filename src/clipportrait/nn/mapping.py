@@ -1,0 +1,82 @@
+"""Mapping networks: M_G (z -> w, eq. 6) and the discriminator's camera mapping M_D (eq. 13)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clipportrait.nn.layers import FullyConnected, normalize_2nd_moment
+
+
+class MappingNetwork(nn.Module):
+    """StyleGAN2 mapping MLP with leaky-ReLU layers and a reduced learning rate.
+
+    Inputs are a latent ``z`` (B, z_dim) and/or a condition ``c`` (B, c_dim); each is normalised to
+    unit second moment (c after an embedding layer) and concatenated. The generator uses z only
+    (the paper drops EG3D's generator pose conditioning, sec. 3.2); the discriminator uses c only.
+
+    With ``w_avg_beta`` set, the running mean of w is tracked (``update_emas=True``) for the
+    truncation trick: w <- w_avg + psi (w - w_avg) on the first ``truncation_cutoff`` copies.
+    With ``num_ws > 0`` the output is broadcast to (B, num_ws, w_dim), else it is (B, w_dim).
+    """
+
+    def __init__(
+        self,
+        z_dim: int,
+        c_dim: int,
+        w_dim: int,
+        num_ws: int,
+        num_layers: int,
+        lr_multiplier: float = 0.01,
+        w_avg_beta: float | None = 0.998,
+    ) -> None:
+        super().__init__()
+        if z_dim + c_dim <= 0:
+            raise ValueError(f"z_dim={z_dim}, c_dim={c_dim}: the mapping needs at least one input")
+        if num_layers < 1:
+            raise ValueError(f"num_layers={num_layers}: expected >= 1")
+        self.z_dim, self.c_dim, self.w_dim, self.num_ws = z_dim, c_dim, w_dim, num_ws
+        self.w_avg_beta = w_avg_beta
+        self.embed = FullyConnected(c_dim, w_dim) if c_dim > 0 else None
+        features = [z_dim + (w_dim if c_dim > 0 else 0)] + [w_dim] * num_layers
+        self.layers = nn.ModuleList(
+            FullyConnected(a, b, activation="lrelu", lr_multiplier=lr_multiplier)
+            for a, b in zip(features[:-1], features[1:])
+        )
+        if w_avg_beta is not None:
+            self.register_buffer("w_avg", torch.zeros(w_dim))
+
+    def forward(
+        self,
+        z: torch.Tensor | None,
+        c: torch.Tensor | None = None,
+        truncation_psi: float = 1.0,
+        truncation_cutoff: int | None = None,
+        update_emas: bool = False,
+    ) -> torch.Tensor:
+        parts = []
+        if self.z_dim > 0:
+            if z is None or z.ndim != 2 or z.shape[1] != self.z_dim:
+                raise ValueError(f"z: expected shape (B, {self.z_dim}), got {None if z is None else tuple(z.shape)}")
+            parts.append(normalize_2nd_moment(z.float()))
+        if self.embed is not None:
+            if c is None or c.ndim != 2 or c.shape[1] != self.c_dim:
+                raise ValueError(f"c: expected shape (B, {self.c_dim}), got {None if c is None else tuple(c.shape)}")
+            parts.append(normalize_2nd_moment(self.embed(c.float())))
+        x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        for layer in self.layers:
+            x = layer(x)
+        if update_emas and self.w_avg_beta is not None:
+            self.w_avg.copy_(x.detach().float().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
+        if self.num_ws > 0:
+            x = x.unsqueeze(1).repeat(1, self.num_ws, 1)
+        if truncation_psi != 1.0:
+            if self.w_avg_beta is None:
+                raise ValueError("truncation_psi != 1 needs w_avg tracking (w_avg_beta is None)")
+            if self.num_ws > 0:
+                cutoff = self.num_ws if truncation_cutoff is None else truncation_cutoff
+                head = self.w_avg.lerp(x[:, :cutoff], truncation_psi)
+                x = torch.cat([head, x[:, cutoff:]], dim=1)
+            else:
+                x = self.w_avg.lerp(x, truncation_psi)
+        return x

@@ -1,0 +1,189 @@
+"""StyleGAN2 synthesis network S_G (eq. 7): w -> tri-plane features, skip architecture.
+
+Blocks whose resolution is at least ``bf16_resolution`` run under bf16 autocast on CUDA (the
+StyleGAN2 ``num_fp16_res`` idea, with bf16 so no loss scaling is needed); on CPU they stay float32
+unless the caller opens an autocast context itself.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from clipportrait.nn.layers import (
+    DEFAULT_FIR,
+    FullyConnected,
+    bias_act,
+    fir_filter,
+    modulated_conv2d,
+    upsample2d,
+)
+
+NOISE_MODES = ("random", "const", "none")
+
+
+def block_autocast(enabled: bool, x: torch.Tensor):
+    """bf16 autocast for a low-precision block, only on CUDA (CPU bf16 convs are slow)."""
+    if enabled and x.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class SynthesisLayer(nn.Module):
+    """Modulated 3x3 conv (+ optional 2x FIR upsampling), per-pixel noise, bias, leaky ReLU."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        w_dim: int,
+        resolution: int,
+        up: int = 1,
+        conv_clamp: float | None = None,
+        resample_taps: tuple[float, ...] = DEFAULT_FIR,
+    ) -> None:
+        super().__init__()
+        self.resolution, self.up, self.conv_clamp = resolution, up, conv_clamp
+        self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.noise_strength = nn.Parameter(torch.zeros([]))
+        self.register_buffer("noise_const", torch.randn(resolution, resolution))
+        self.register_buffer("resample_filter", fir_filter(resample_taps), persistent=False)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random", gain: float = 1.0) -> torch.Tensor:
+        styles = self.affine(w)
+        x = modulated_conv2d(x, self.weight, styles, demodulate=True, up=self.up, resample_filter=self.resample_filter)
+        if noise_mode == "random":
+            noise = torch.randn(x.shape[0], 1, self.resolution, self.resolution, device=x.device, dtype=x.dtype)
+            x = x + noise * self.noise_strength.to(x.dtype)
+        elif noise_mode == "const":
+            x = x + (self.noise_const * self.noise_strength).to(x.dtype)
+        elif noise_mode != "none":
+            raise ValueError(f"noise_mode={noise_mode!r}: expected one of {NOISE_MODES}")
+        return bias_act(x, self.bias, "lrelu", gain=gain, clamp=self.conv_clamp)
+
+
+class ToRGBLayer(nn.Module):
+    """Modulated 1x1 conv without demodulation (the skip-architecture output branch)."""
+
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, conv_clamp: float | None = None) -> None:
+        super().__init__()
+        self.conv_clamp = conv_clamp
+        self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.weight_gain = 1.0 / math.sqrt(in_channels)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        styles = self.affine(w) * self.weight_gain
+        x = modulated_conv2d(x, self.weight, styles, demodulate=False)
+        return bias_act(x, self.bias, "linear", clamp=self.conv_clamp)
+
+
+class SynthesisBlock(nn.Module):
+    """One resolution level: [const | 2x-up conv] -> conv -> toRGB, RGB skip via FIR upsampling.
+
+    ``in_channels == 0`` makes the first block, which starts from a learned constant.
+    Consumes ``num_conv + num_torgb`` rows of ws (B, n, w_dim).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        w_dim: int,
+        resolution: int,
+        img_channels: int,
+        use_bf16: bool = False,
+        conv_clamp: float | None = None,
+        resample_taps: tuple[float, ...] = DEFAULT_FIR,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.resolution, self.use_bf16 = in_channels, resolution, use_bf16
+        if in_channels == 0:
+            self.const = nn.Parameter(torch.randn(out_channels, resolution, resolution))
+            self.conv0 = None
+        else:
+            self.const = None
+            self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim, resolution, up=2,
+                                        conv_clamp=conv_clamp, resample_taps=resample_taps)
+        self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim, resolution,
+                                    conv_clamp=conv_clamp, resample_taps=resample_taps)
+        self.torgb = ToRGBLayer(out_channels, img_channels, w_dim, conv_clamp=conv_clamp)
+        self.num_conv = 1 if in_channels == 0 else 2
+        self.num_torgb = 1
+        self.register_buffer("resample_filter", fir_filter(resample_taps), persistent=False)
+
+    def forward(
+        self, x: torch.Tensor | None, img: torch.Tensor | None, ws: torch.Tensor, noise_mode: str = "random"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if ws.ndim != 3 or ws.shape[1] != self.num_conv + self.num_torgb:
+            raise ValueError(f"ws: expected (B, {self.num_conv + self.num_torgb}, w_dim), got {tuple(ws.shape)}")
+        with block_autocast(self.use_bf16, ws):
+            if self.const is not None:
+                x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+                x = self.conv1(x, ws[:, 0], noise_mode)
+            else:
+                if x is None or x.shape[1] != self.in_channels or x.shape[-1] * 2 != self.resolution:
+                    raise ValueError(
+                        f"x: expected (B, {self.in_channels}, {self.resolution // 2}, {self.resolution // 2}), "
+                        f"got {None if x is None else tuple(x.shape)}"
+                    )
+                x = self.conv0(x, ws[:, 0], noise_mode)
+                x = self.conv1(x, ws[:, 1], noise_mode)
+            y = self.torgb(x, ws[:, self.num_conv]).float()
+        if img is not None:
+            img = upsample2d(img.float(), self.resample_filter) + y
+        else:
+            img = y
+        return x, img
+
+
+def channels_at(resolution: int, channel_base: int, channel_max: int) -> int:
+    """StyleGAN2's channel schedule: min(channel_base / resolution, channel_max)."""
+    return min(channel_base // resolution, channel_max)
+
+
+class SynthesisNetwork(nn.Module):
+    """4x4 constant -> ``resolution`` image with ``img_channels`` channels (the tri-plane for S_G)."""
+
+    def __init__(
+        self,
+        w_dim: int,
+        resolution: int,
+        img_channels: int,
+        channel_base: int,
+        channel_max: int,
+        num_bf16_res: int = 0,
+        conv_clamp: float | None = None,
+    ) -> None:
+        super().__init__()
+        log2 = int(math.log2(resolution)) if resolution > 0 else 0
+        if resolution < 4 or 2**log2 != resolution:
+            raise ValueError(f"resolution={resolution}: expected a power of two >= 4")
+        self.resolution, self.img_channels = resolution, img_channels
+        resolutions = [2**i for i in range(2, log2 + 1)]
+        bf16_from = max(2 ** (log2 + 1 - num_bf16_res), 8) if num_bf16_res > 0 else resolution * 2
+        self.blocks = nn.ModuleList()
+        for res in resolutions:
+            in_ch = channels_at(res // 2, channel_base, channel_max) if res > 4 else 0
+            out_ch = channels_at(res, channel_base, channel_max)
+            self.blocks.append(
+                SynthesisBlock(in_ch, out_ch, w_dim, res, img_channels, use_bf16=res >= bf16_from, conv_clamp=conv_clamp)
+            )
+        # Consecutive blocks share one w: block k's toRGB w is block k+1's first conv w.
+        self.num_ws = sum(b.num_conv for b in self.blocks) + self.blocks[-1].num_torgb
+
+    def forward(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
+        if ws.ndim != 3 or ws.shape[1] != self.num_ws:
+            raise ValueError(f"ws: expected (B, {self.num_ws}, w_dim), got {tuple(ws.shape)}")
+        x = img = None
+        w_idx = 0
+        for block in self.blocks:
+            x, img = block(x, img, ws[:, w_idx : w_idx + block.num_conv + block.num_torgb], noise_mode)
+            w_idx += block.num_conv
+        return img
