@@ -211,9 +211,10 @@ def modulated_conv2d(
         x = upsample2d(x, resample_filter, up)
     x = F.conv2d(x, weight.to(x.dtype), padding=weight.shape[-1] // 2)
     if demodulate:
-        # sum_ik (s_i w_oik)^2 = (s^2) @ (sum_k w_oik^2)^T, computed in float32 for stability.
-        styles32 = styles.float()
-        dcoefs = (styles32.square() @ weight.float().square().sum(dim=(2, 3)).t() + 1e-8).rsqrt()
+        # sum_ik (s_i w_oik)^2 = (s^2) @ (sum_k w_oik^2)^T, computed in >= float32 for stability.
+        dtype = torch.promote_types(styles.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            dcoefs = (styles.to(dtype).square() @ weight.to(dtype).square().sum(dim=(2, 3)).t() + 1e-8).rsqrt()
         x = x * dcoefs.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
     return x
 
