@@ -55,7 +55,8 @@ def composite(
             f"{tuple(raw_density.shape)}: expected (B, R, S>=2, 1), (B, R, S, C), (B, R, S, 1)"
         )
     with torch.autocast(device_type=depths.device.type, enabled=False):
-        depths, features, raw_density = depths.float(), features.float(), raw_density.float()
+        dtype = torch.promote_types(depths.dtype, torch.float32)  # never below float32 (bf16 cumprod drifts)
+        depths, features, raw_density = depths.to(dtype), features.to(dtype), raw_density.to(dtype)
         deltas = depths[:, :, 1:] - depths[:, :, :-1]
         mid_features = (features[:, :, 1:] + features[:, :, :-1]) * 0.5
         mid_depths = (depths[:, :, 1:] + depths[:, :, :-1]) * 0.5
