@@ -210,3 +210,43 @@ def test_disabled_and_bad_input():
         D.DeformationConfig(grid_levels=[4, 6]).validate()
     with pytest.raises(ValueError, match="faces"):
         D.SurfaceFieldDeformation(faces.float())
+
+
+_TRITON_CHECK = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from clipportrait.geometry import deformation as D
+from test_deformation import _blobby_sphere, _points_near
+v, f = _blobby_sphere(1)
+tris = v[None][:, f]
+ref, ker = D._TorchSearch(1 << 20), D.TritonSearch()
+grid_t = D.build_candidate_grid(tris, 0.12, [2, 4], ref)
+grid_k = D.build_candidate_grid(tris, 0.12, [2, 4], ker)
+assert torch.equal(grid_t.offsets, grid_k.offsets) and torch.equal(grid_t.tris, grid_k.tris)
+pts = _points_near(v, 150, 0.06, 1)[None]
+it, dt = D.grid_nearest(pts, grid_t, tris, ref)
+ik, dk = D.grid_nearest(pts, grid_k, tris, ker)
+assert torch.equal(it < 0, ik < 0)
+found = it >= 0
+assert (dt[found] - dk[found]).abs().max() < 1e-6
+# Differing indices must be ties: the kernel's triangle is at the same exact distance.
+d_kernel = D._point_triangle_dist2(pts[0].double(), v.double()[f][ik[0].clamp_min(0)])
+assert ((d_kernel.sqrt() - dt[0].double().sqrt()).abs()[found[0]] < 1e-6).all()
+assert (it == ik).float().mean() > 0.9
+print("ok")
+"""
+
+
+def test_triton_kernels_match_torch_search_in_interpreter():
+    """The Triton candidate kernels (run by Triton's CPU interpreter) build the same candidate grid
+    as the PyTorch search and return the same nearest distances (indices equal up to exact ties)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", _TRITON_CHECK, str(Path(__file__).parent)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

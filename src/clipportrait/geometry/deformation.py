@@ -265,16 +265,171 @@ class _TorchSearch:
         return new_counts, tris_out
 
 
+# ----------------------------------------------------------------------------- Triton kernels (CUDA)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch search is used
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _tri_dist2(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz):
+        """Squared point-triangle distance; same region logic as closest_point_barycentrics."""
+        abx, aby, abz = bx - ax, by - ay, bz - az
+        acx, acy, acz = cx - ax, cy - ay, cz - az
+        d1 = abx * (px - ax) + aby * (py - ay) + abz * (pz - az)
+        d2 = acx * (px - ax) + acy * (py - ay) + acz * (pz - az)
+        d3 = abx * (px - bx) + aby * (py - by) + abz * (pz - bz)
+        d4 = acx * (px - bx) + acy * (py - by) + acz * (pz - bz)
+        d5 = abx * (px - cx) + aby * (py - cy) + abz * (pz - cz)
+        d6 = acx * (px - cx) + acy * (py - cy) + acz * (pz - cz)
+        va = d3 * d6 - d5 * d4
+        vb = d5 * d2 - d1 * d6
+        vc = d1 * d4 - d3 * d2
+        den = va + vb + vc
+        den = tl.where(den == 0, 1.0, den)
+        v = vb / den
+        w = vc / den
+        on_bc = (va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0)
+        den_bc = (d4 - d3) + (d5 - d6)
+        t_bc = (d4 - d3) / tl.where(den_bc == 0, 1.0, den_bc)
+        v = tl.where(on_bc, 1 - t_bc, v)
+        w = tl.where(on_bc, t_bc, w)
+        on_ac = (vb <= 0) & (d2 >= 0) & (d6 <= 0)
+        den_ac = tl.where(d2 - d6 == 0, 1.0, d2 - d6)
+        v = tl.where(on_ac, 0.0, v)
+        w = tl.where(on_ac, d2 / den_ac, w)
+        at_c = (d6 >= 0) & (d5 <= d6)
+        v = tl.where(at_c, 0.0, v)
+        w = tl.where(at_c, 1.0, w)
+        on_ab = (vc <= 0) & (d1 >= 0) & (d3 <= 0)
+        den_ab = tl.where(d1 - d3 == 0, 1.0, d1 - d3)
+        v = tl.where(on_ab, d1 / den_ab, v)
+        w = tl.where(on_ab, 0.0, w)
+        at_b = (d3 >= 0) & (d4 <= d3)
+        v = tl.where(at_b, 1.0, v)
+        w = tl.where(at_b, 0.0, w)
+        at_a = (d1 <= 0) & (d2 <= 0)
+        v = tl.where(at_a, 0.0, v)
+        w = tl.where(at_a, 0.0, w)
+        qx = ax + v * abx + w * acx - px
+        qy = ay + v * aby + w * acy - py
+        qz = az + v * abz + w * acz - pz
+        return qx * qx + qy * qy + qz * qz
+
+    @triton.jit
+    def _load_tri(tri_ptr, t, mask):
+        base = t * 9
+        ax = tl.load(tri_ptr + base + 0, mask=mask, other=0.0)
+        ay = tl.load(tri_ptr + base + 1, mask=mask, other=0.0)
+        az = tl.load(tri_ptr + base + 2, mask=mask, other=0.0)
+        bx = tl.load(tri_ptr + base + 3, mask=mask, other=0.0)
+        by = tl.load(tri_ptr + base + 4, mask=mask, other=0.0)
+        bz = tl.load(tri_ptr + base + 5, mask=mask, other=0.0)
+        cx = tl.load(tri_ptr + base + 6, mask=mask, other=0.0)
+        cy = tl.load(tri_ptr + base + 7, mask=mask, other=0.0)
+        cz = tl.load(tri_ptr + base + 8, mask=mask, other=0.0)
+        return ax, ay, az, bx, by, bz, cx, cy, cz
+
+    @triton.jit
+    def _nearest_kernel(q_ptr, start_ptr, count_ptr, cand_ptr, tri_ptr, d2_ptr, idx_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        px = tl.load(q_ptr + offs * 3 + 0, mask=m, other=0.0)
+        py = tl.load(q_ptr + offs * 3 + 1, mask=m, other=0.0)
+        pz = tl.load(q_ptr + offs * 3 + 2, mask=m, other=0.0)
+        start = tl.load(start_ptr + offs, mask=m, other=0)
+        count = tl.load(count_ptr + offs, mask=m, other=0)
+        best = tl.full([BLOCK], float("inf"), tl.float32)
+        best_t = tl.full([BLOCK], -1, tl.int64)
+        # A while loop on the block's largest count (also runs under TRITON_INTERPRET=1).
+        kmax = tl.max(count, axis=0)
+        k = 0
+        while k < kmax:
+            act = k < count
+            t = tl.load(cand_ptr + start + k, mask=act, other=0)
+            ax, ay, az, bx, by, bz, cx, cy, cz = _load_tri(tri_ptr, t, act)
+            d2 = _tri_dist2(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz)
+            better = act & (d2 < best)
+            best = tl.where(better, d2, best)
+            best_t = tl.where(better, t, best_t)
+            k += 1
+        tl.store(d2_ptr + offs, best, mask=m)
+        tl.store(idx_ptr + offs, best_t, mask=m)
+
+    @triton.jit
+    def _select_kernel(q_ptr, start_ptr, count_ptr, cand_ptr, tri_ptr, thresh2_ptr, out_start_ptr, out_count_ptr,
+                       out_ptr, n, WRITE: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        px = tl.load(q_ptr + offs * 3 + 0, mask=m, other=0.0)
+        py = tl.load(q_ptr + offs * 3 + 1, mask=m, other=0.0)
+        pz = tl.load(q_ptr + offs * 3 + 2, mask=m, other=0.0)
+        start = tl.load(start_ptr + offs, mask=m, other=0)
+        count = tl.load(count_ptr + offs, mask=m, other=0)
+        thresh2 = tl.load(thresh2_ptr + offs, mask=m, other=-1.0)
+        out_start = tl.load(out_start_ptr + offs, mask=m, other=0)
+        kept = tl.zeros([BLOCK], tl.int64)
+        kmax = tl.max(count, axis=0)
+        k = 0
+        while k < kmax:
+            act = k < count
+            t = tl.load(cand_ptr + start + k, mask=act, other=0)
+            ax, ay, az, bx, by, bz, cx, cy, cz = _load_tri(tri_ptr, t, act)
+            d2 = _tri_dist2(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz)
+            keep = act & (d2 <= thresh2)
+            if WRITE:
+                tl.store(out_ptr + out_start + kept, t, mask=keep)
+            kept += keep.to(tl.int64)
+            k += 1
+        if not WRITE:
+            tl.store(out_count_ptr + offs, kept, mask=m)
+
+
+class TritonSearch:
+    """Candidate loops as Triton kernels: one program per BLOCK queries, looping over candidates."""
+
+    BLOCK = 128
+
+    def _grid(self, n: int):
+        return (triton.cdiv(n, self.BLOCK),)
+
+    def nearest(self, queries: Tensor, starts: Tensor, counts: Tensor, cand: Tensor, tris: Tensor):
+        n = queries.shape[0]
+        d2 = torch.empty(n, device=queries.device, dtype=torch.float32)
+        idx = torch.empty(n, device=queries.device, dtype=torch.long)
+        if n:
+            _nearest_kernel[self._grid(n)](queries.float().contiguous(), starts.contiguous(), counts.contiguous(),
+                                           cand.contiguous(), tris.float().contiguous(), d2, idx, n, BLOCK=self.BLOCK)
+        return d2, idx
+
+    def select(self, queries: Tensor, starts: Tensor, counts: Tensor, cand: Tensor, tris: Tensor,
+               slack: Tensor, limit: Tensor) -> tuple[Tensor, Tensor]:
+        n = queries.shape[0]
+        d2, _ = self.nearest(queries, starts, counts, cand, tris)
+        dmin = d2.sqrt()
+        # Squared threshold; -1 rejects everything in cells wholly beyond the reach.
+        thresh2 = torch.where(dmin <= limit, (dmin + slack) ** 2, torch.full_like(dmin, -1.0)).float()
+        args = (queries.float().contiguous(), starts.contiguous(), counts.contiguous(), cand.contiguous(),
+                tris.float().contiguous(), thresh2)
+        new_counts = torch.zeros_like(counts)
+        out_start = torch.zeros_like(counts)
+        _select_kernel[self._grid(n)](*args, out_start, new_counts, cand, n, WRITE=False, BLOCK=self.BLOCK)
+        out_start = torch.cumsum(new_counts, 0) - new_counts
+        out = torch.empty(int(new_counts.sum()), device=cand.device, dtype=cand.dtype)
+        _select_kernel[self._grid(n)](*args, out_start, new_counts, out, n, WRITE=True, BLOCK=self.BLOCK)
+        return new_counts, out
+
+
 def _make_search(backend: str, device: torch.device, pair_chunk: int):
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+    if backend == "torch" or (backend == "auto" and (device.type != "cuda" or triton is None)):
         return _TorchSearch(pair_chunk)
-    try:
-        from clipportrait.geometry import _deformation_triton
-    except ImportError as err:  # triton missing
-        if backend == "triton":
-            raise RuntimeError(f"deformation backend='triton' requested but Triton is unavailable: {err}") from err
-        return _TorchSearch(pair_chunk)
-    return _deformation_triton.TritonSearch()
+    if triton is None:
+        raise RuntimeError("deformation backend='triton' requested but Triton is not importable")
+    return TritonSearch()
 
 
 def build_candidate_grid(
