@@ -30,6 +30,7 @@ class SyntheticConfig:
     color_cast: bool = True
     noise_grain: bool = True
     photo_id_patch: bool = True
+    hair_lengths: list[str] = field(default_factory=lambda: ["bald", "short", "medium", "long"])  # drawn uniformly
     glasses_prob: float = 0.25
     beard_prob: float = 0.25
     shape_std: float = 1.0  # identity coefficients ~ N(0, shape_std^2) in the model's units
