@@ -22,6 +22,7 @@ It is usable directly as ``FrechetInceptionDistance(feature=...)`` / ``KernelInc
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Literal
@@ -184,7 +185,10 @@ def _is_torchscript(path: Path) -> bool:
 
 def _load_torchscript_trunk(path: Path) -> _PoolTrunk:
     try:
-        scripted = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            # torch 2.11 marks TorchScript deprecated; this file only exists as TorchScript.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit\..*")
+            scripted = torch.jit.load(str(path), map_location="cpu")
     except Exception as err:  # torch.jit raises assorted RuntimeErrors for broken archives
         raise AssetError(f"cannot load TorchScript Inception from {path}: {err}") from err
     holder = getattr(scripted, "net", scripted)  # fid-helper wraps NVIDIA's module in `.net`
