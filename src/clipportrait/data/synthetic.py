@@ -29,6 +29,7 @@ import os
 import shutil
 import textwrap
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -468,7 +469,9 @@ def image_name(index: int) -> str:
     return f"images/{index:06d}.png"
 
 
-def _build_model() -> MorphableModel:
+@lru_cache(maxsize=1)
+def default_model() -> MorphableModel:
+    """The embedded procedural head (built once per process: construction takes seconds)."""
     from ..geometry.morphable import ProceduralHead
 
     return ProceduralHead()
@@ -500,7 +503,7 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike, model: 
             why = "has problems" if problems else "was made with another config (see synthetic_config.json)"
             raise FileExistsError(f"{out} exists and {why}; delete it or choose another path")
         return out
-    model = model if model is not None else _build_model()
+    model = model if model is not None else default_model()
     renderer = PortraitRenderer(model, cfg.resolution, cfg.supersample)
     writer = DatasetWriter(out, as_zip=cfg.as_zip)
     chunk_dir = writer.partial / "_chunks"
