@@ -57,3 +57,17 @@ def test_rejects_bad_shapes():
         rasterize(torch.zeros(4, 3), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 25), 8)
     with pytest.raises(ValueError, match="faces"):
         rasterize(torch.zeros(1, 4, 3), torch.zeros(3, dtype=torch.long), torch.zeros(1, 25), 8)
+
+
+def test_backface_culling():
+    """On a closed outward-wound mesh, culling back faces changes nothing; with the winding reversed
+    culling removes the near side instead, so the far (inner) side shows: same coverage, larger depth."""
+    verts, faces, labels = _scene()
+    plain, _, plain_depth = rasterize(verts, faces, labels, 24)
+    cull = torch.ones(len(faces), dtype=torch.bool)
+    culled, _, _ = rasterize(verts, faces, labels, 24, cull)
+    assert torch.equal(plain, culled)
+    inner, _, inner_depth = rasterize(verts, faces[:, [0, 2, 1]], labels, 24, cull)
+    covered = plain >= 0
+    assert torch.equal(inner >= 0, covered)
+    assert (inner_depth[covered] > plain_depth[covered] + 0.05).float().mean() > 0.9

@@ -14,7 +14,7 @@ Each image is fully determined by (config seed, image index): a per-image NumPy 
 
 Rendering (`PortraitRenderer`) rasterises the head mesh plus a hair shell (the scalp region pushed
 out along the normals; for medium/long hair the shell continues down the back of the head and neck
-and bulks outward as it hangs; parts beyond the sampled length are pushed inside the head, where the
+and bulks outward as it hangs; parts beyond the sampled length collapse to the head's centre, where the
 z-buffer hides them) with the vectorised rasteriser of `data.raster`, at ``supersample`` x the
 output size. Per pixel, canonical-space surface coordinates (the vertex positions of the canonical
 mesh, interpolated) drive procedural textures: iris and pupil discs, lash line, beard zone, glasses
@@ -264,7 +264,12 @@ class PortraitRenderer:
         self.hair_faces = remap[faces[keep]]
         hang = (back_hairline - c[hair_ids, 1]).clamp_min(0) * (~scalp[hair_ids])
         self.hair_hang = hang / hang.max()  # 0 on the scalp, 1 at the lowest hanging vertex
-        self.faces_all = torch.cat((faces, self.hair_faces + len(c)))
+        # Outward winding for back-face culling of the closed head (the open hair shell is never culled).
+        corners = c[faces]
+        signed_volume = (corners[:, 0] * torch.cross(corners[:, 1], corners[:, 2], dim=-1)).sum()
+        head_faces = faces if signed_volume > 0 else faces[:, [0, 2, 1]]
+        self.faces_all = torch.cat((head_faces, self.hair_faces + len(c)))
+        self.cullable = torch.cat((torch.ones(len(faces), dtype=torch.bool), torch.zeros(len(self.hair_faces), dtype=torch.bool)))
         self.face_mask_id = torch.cat(
             (self.head_face_mask_id, torch.full((len(self.hair_faces),), REGION_IDS["hair"], dtype=torch.long))
         )
@@ -288,7 +293,7 @@ class PortraitRenderer:
         all_verts = torch.cat((verts, hair_verts), 1)
         labels = self.labels(items)
         size = self.resolution * self.supersample
-        face_index, bary, _ = rasterize(all_verts, self.faces_all, labels, size)
+        face_index, bary, _ = rasterize(all_verts, self.faces_all, labels, size, self.cullable)
         fg = face_index >= 0
         b, rows, cols = fg.nonzero(as_tuple=True)
         face = face_index[b, rows, cols]
@@ -335,7 +340,9 @@ class PortraitRenderer:
         # Hanging hair bulks outward and falls slightly back as it goes down.
         offset = thick + 0.08 * hang
         out = base + n * offset[..., None] + torch.tensor([0.0, 0.0, -0.03]) * hang[..., None]
-        inside = base - n * 0.03
+        # Hair beyond the sampled length collapses to the head's centre: triangles entirely there
+        # have zero area (no raster work), those straddling the boundary run inside the head.
+        inside = verts.mean(1, keepdim=True).expand_as(base)
         return torch.where(covered[..., None], out, inside)
 
     def _albedo(
