@@ -21,7 +21,9 @@ class MorphableConfig:
     ``flame_landmarks_path``: optional landmark embedding (DECA's ``landmark_embedding.npy`` or a
     pickle with 68 faces + barycentric coordinates); also fixes FLAME's world transform when
     ``world_scale``/``world_translation`` are not given.
-    ``shape_std``/``expression_std``: default scales of ``MorphableModel.sample_params``.
+    ``shape_std``/``expression_std``/``jaw_max``: the scales to pass to ``MorphableModel.sample_params``.
+    ``world_scale``/``world_translation`` (FLAME only): native -> world transform; fitted from the
+    landmarks when left out.
     """
 
     kind: str = "procedural"
@@ -41,6 +43,11 @@ def build_morphable(cfg: MorphableConfig) -> MorphableModel:
     """Build the configured model; ValueError for an unknown kind, FileNotFoundError for a missing FLAME file."""
     kind = str(cfg.kind).lower()
     if kind == "procedural":
+        if cfg.world_scale is not None or cfg.world_translation is not None:
+            raise ValueError(
+                "morphable.world_scale/world_translation apply to FLAME only; the procedural head has a fixed "
+                "documented transform (procedural.PROCEDURAL_WORLD_SCALE/TRANSLATION)"
+            )
         from .procedural import ProceduralHead
 
         return ProceduralHead(
