@@ -79,7 +79,9 @@ def test_upsample_and_downsample_match_scipy_and_keep_dc():
 @pytest.mark.parametrize("demodulate,up", [(True, 1), (False, 1), (True, 2)])
 def test_modulated_conv_equals_per_sample_loop(demodulate, up):
     """Batched modulated conv == explicit loop: per sample, scale weights by styles, demodulate
-    by the L2 norm over (in, kh, kw), convolve (after FIR upsampling when up=2)."""
+    by the L2 norm over (in, kh, kw), convolve; with up=2, a stride-2 transposed conv then the
+    FIR filter (gain 4) cropped to exactly 2H, which away from the border equals FIR upsampling
+    followed by a conv with the spatially flipped kernel."""
     torch.manual_seed(0)
     x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
     weight = torch.randn(5, 4, 3, 3, dtype=torch.float64)
@@ -93,9 +95,13 @@ def test_modulated_conv_equals_per_sample_loop(demodulate, up):
             w = w / torch.sqrt((w**2).sum(dim=(1, 2, 3), keepdim=True) + 1e-8)
         xb = x[b : b + 1]
         if up > 1:
-            xb = upsample2d(xb, f)
-        rows.append(F.conv2d(xb, w, padding=1))
+            rows.append(upfirdn2d(F.conv_transpose2d(xb, w.transpose(0, 1), stride=2), f, padding=(1, 1, 1, 1), gain=4))
+            interior = F.conv2d(upsample2d(xb, f), w.flip(2, 3), padding=1)
+            torch.testing.assert_close(rows[-1][..., 3:-3, 3:-3], interior[..., 3:-3, 3:-3], atol=1e-10, rtol=1e-10)
+        else:
+            rows.append(F.conv2d(xb, w, padding=1))
     torch.testing.assert_close(got, torch.cat(rows), atol=1e-10, rtol=1e-10)
+    assert got.shape[-1] == 6 * up
 
 
 def test_modulated_conv_rejects_mismatched_styles():

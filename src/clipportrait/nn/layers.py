@@ -138,7 +138,7 @@ class FullyConnected(nn.Module):
 
 
 class Conv2dLayer(nn.Module):
-    """Equalised-lr conv with optional FIR up/down-sampling, bias, activation and clamp."""
+    """Equalised-lr conv with optional FIR downsampling, bias, activation and clamp (discriminator)."""
 
     def __init__(
         self,
@@ -147,15 +147,12 @@ class Conv2dLayer(nn.Module):
         kernel_size: int,
         bias: bool = True,
         activation: str = "linear",
-        up: int = 1,
         down: int = 1,
         conv_clamp: float | None = None,
         resample_taps: tuple[float, ...] = DEFAULT_FIR,
     ) -> None:
         super().__init__()
-        if up > 1 and down > 1:
-            raise ValueError(f"up={up}, down={down}: a layer resamples in one direction only")
-        self.activation, self.up, self.down, self.conv_clamp = activation, up, down, conv_clamp
+        self.activation, self.down, self.conv_clamp = activation, down, conv_clamp
         self.padding = kernel_size // 2
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
@@ -166,10 +163,7 @@ class Conv2dLayer(nn.Module):
         w = self.weight * self.weight_gain
         f = self.resample_filter
         k = f.numel()
-        if self.up > 1:
-            x = upsample2d(x, f, self.up)
-            x = F.conv2d(x, w.to(x.dtype), padding=self.padding)
-        elif self.down > 1:
+        if self.down > 1:
             # Low-pass with the FIR filter, then a strided conv (StyleGAN2's downsampling conv).
             pad0 = self.padding + (k - self.down + 1) // 2
             pad1 = self.padding + (k - self.down) // 2
@@ -181,7 +175,7 @@ class Conv2dLayer(nn.Module):
 
     def extra_repr(self) -> str:
         o, i, k, _ = self.weight.shape
-        return f"in={i}, out={o}, k={k}, up={self.up}, down={self.down}, activation={self.activation}"
+        return f"in={i}, out={o}, k={k}, down={self.down}, activation={self.activation}"
 
 
 def modulated_conv2d(
@@ -208,8 +202,15 @@ def modulated_conv2d(
     if up > 1:
         if resample_filter is None:
             raise ValueError("resample_filter: required when up > 1")
-        x = upsample2d(x, resample_filter, up)
-    x = F.conv2d(x, weight.to(x.dtype), padding=weight.shape[-1] // 2)
+        # StyleGAN2's order: transposed conv (stride `up`, 1/up^2 of the FLOPs of a conv at the
+        # output resolution), then the FIR low-pass with gain up^2 cropping to exactly up * H.
+        k, taps = weight.shape[-1], resample_filter.numel()
+        pad0 = (taps + up - 1) // 2 + k // 2 - (k - 1)
+        pad1 = (taps - up) // 2 + k // 2 - (k - up)
+        x = F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), stride=up)
+        x = upfirdn2d(x, resample_filter, padding=(pad0, pad1, pad0, pad1), gain=up**2)
+    else:
+        x = F.conv2d(x, weight.to(x.dtype), padding=weight.shape[-1] // 2)
     if demodulate:
         # sum_ik (s_i w_oik)^2 = (s^2) @ (sum_k w_oik^2)^T, computed in >= float32 for stability.
         dtype = torch.promote_types(styles.dtype, torch.float32)
