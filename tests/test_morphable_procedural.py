@@ -267,13 +267,18 @@ def test_canonical_mesh_has_the_configured_open_jaw_and_sampling_is_reproducible
 
 
 def test_build_morphable_reports_bad_configs(tmp_path):
-    """Unknown kinds and missing FLAME files give errors naming the value and where to get FLAME."""
+    """Unknown kinds, missing FLAME files (with where to get FLAME), FLAME-only overrides on the
+    procedural head and an implausible jaw angle give errors naming the value."""
     with pytest.raises(ValueError, match="kind='bfm'"):
         build_morphable(MorphableConfig(kind="bfm"))
     with pytest.raises(FileNotFoundError, match="flame.is.tue.mpg.de"):
         build_morphable(MorphableConfig(kind="flame"))
     with pytest.raises(FileNotFoundError, match="nope.pkl"):
         build_morphable(MorphableConfig(kind="flame", flame_path=str(tmp_path / "nope.pkl")))
+    with pytest.raises(ValueError, match="FLAME only"):
+        build_morphable(MorphableConfig(world_scale=2.0))
+    with pytest.raises(ValueError, match="canonical_jaw_angle=3.0"):
+        build_morphable(MorphableConfig(canonical_jaw_angle=3.0))
 
 
 def test_buffers_follow_the_module_to_another_dtype(head):
