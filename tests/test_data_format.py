@@ -216,3 +216,17 @@ def test_zip_problems_named(tmp_path):
             if p.is_file():
                 zf.write(p, p.relative_to(out).as_posix())
     _single_problem(zpath, "unreadable", "images/000000.png")
+
+
+def test_header_only_check(tmp_path):
+    """check_dataset(decode=False) still finds missing files and wrong sizes from the headers, but
+    not corruption inside the pixel data (which the full check finds)."""
+    out, _ = _make(tmp_path)
+    (out / "images/000001.png").unlink()
+    (out / "images/000003.png").write_bytes(encode_png(np.zeros((8, 8, 3), np.uint8)))
+    good = (out / "images/000002.png").read_bytes()
+    (out / "images/000002.png").write_bytes(good[:-40])  # truncated pixel stream, header intact
+    quick = {p.name for p in check_dataset(out, decode=False)}
+    full = {p.name for p in check_dataset(out)}
+    assert quick == {"images/000001.png", "images/000003.png"}
+    assert full == quick | {"images/000002.png"}

@@ -59,6 +59,7 @@ class DataConfig:
     num_workers: int = 2
     flip: bool = True  # x-flip augmentation: doubles the dataset with mirrored copies
     skip_bad: bool = False  # train on the good items of a dataset with problems (logged) instead of refusing
+    verify_pixels: bool = True  # decode every image when checking the dataset (False: headers only, faster)
     clip_cache: Optional[str] = None  # .npz with `names` and `embeddings` (canonical CLIP embeddings)
     seed: int = 0  # shuffling seed (DistributedSampler) and conditioning-sampler seed
     pin_memory: bool = False

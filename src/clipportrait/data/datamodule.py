@@ -73,7 +73,8 @@ class PortraitDataset(Dataset):
     Refuses (DatasetError listing every problem) a dataset that `check_dataset` finds problems in,
     unless ``skip_bad``: then the items named by the problems are left out and logged; problems
     that concern the whole dataset are always fatal. Images whose size differs from ``resolution``
-    are resampled (antialiased bilinear).
+    are resampled (antialiased bilinear). ``verify_pixels=False`` checks image headers only
+    (`check_dataset(decode=False)`), for large datasets.
     """
 
     def __init__(
@@ -83,10 +84,11 @@ class PortraitDataset(Dataset):
         flip: bool = False,
         clip_cache: str | os.PathLike | None = None,
         skip_bad: bool = False,
+        verify_pixels: bool = True,
     ) -> None:
         if resolution is not None and resolution < 1:
             raise ValueError(f"resolution={resolution}: expected a positive integer or None")
-        problems = check_dataset(path)
+        problems = check_dataset(path, decode=verify_pixels)
         fatal = [p for p in problems if p.name is None]
         if fatal or (problems and not skip_bad):
             hint = "" if fatal else "\n(set skip_bad=True to train on the other items)"
@@ -228,7 +230,9 @@ class PortraitDataModule(L.LightningDataModule):
         if self.dataset is not None:
             return
         cfg = self.cfg
-        self.dataset = PortraitDataset(self.dataset_path, cfg.resolution, cfg.flip, cfg.clip_cache, cfg.skip_bad)
+        self.dataset = PortraitDataset(
+            self.dataset_path, cfg.resolution, cfg.flip, cfg.clip_cache, cfg.skip_bad, cfg.verify_pixels
+        )
         _, rank = self._rank()
         self.conditioning = ConditioningSampler(self.dataset, seed=cfg.seed + 1 + rank)
 
