@@ -8,7 +8,7 @@ import torch
 
 from clipportrait.geometry.cameras import neutral_labels, project_points
 from clipportrait.geometry.morphable import REGION_NAMES, ProceduralHead
-from clipportrait.geometry.morphable.base import axis_angle_to_matrix, ibug68_mirror_permutation
+from clipportrait.geometry.morphable.base import axis_angle_to_matrix, ibug68_mirror_permutation, mirror_preserves_faces
 from clipportrait.geometry.morphable.config import MorphableConfig, build_morphable
 from clipportrait.geometry.morphable.procedural import build_procedural_template
 
@@ -90,23 +90,18 @@ def test_mirror_map_is_an_exact_involution_preserving_faces_and_orientation(head
     mapped = m.numpy()[faces][:, [0, 2, 1]]  # mirrored triangle, winding reversed
     canon = lambda f: {tuple(np.roll(t, -int(np.argmin(t)))) for t in f}  # noqa: E731
     assert canon(mapped) == canon(faces)
+    assert mirror_preserves_faces(head.faces, m)
+    assert not mirror_preserves_faces(head.faces[:, [0, 2, 1]], torch.arange(head.num_vertices))
     gen = torch.Generator().manual_seed(5)
     params = head.sample_params(1, gen)
     posed = head(*params)
     mirrored = head.mirror(posed)
     assert _signed_volume(mirrored[0], head.faces) == pytest.approx(_signed_volume(posed[0], head.faces), rel=1e-4)
-    # Mirrored parameters: antisymmetric identity modes flip sign, left/right expressions swap,
-    # y/z components of the axis-angles flip.
-    v = head.v_template
-    shapedirs = head.shapedirs
-    sign = torch.sign(((shapedirs[m] * MIRROR[None, :, None]) * shapedirs).sum((0, 1)))
-    assert set(sign.tolist()) == {1.0, -1.0}
-    perm = [head.expression_names.index(n.replace("_left", "@").replace("_right", "_left").replace("@", "_right"))
-            for n in head.expression_names]
-    pose = params.pose * torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, -1.0])
-    expected = head(params.shape * sign, params.expression[:, perm], pose)
+    # Mirrored parameters reproduce the mirrored mesh; both kinds of identity mode occur.
+    expected = head(*head.mirror_parameters(params))
     assert (expected - mirrored).abs().max() < 1e-5
-    assert v.shape[0] == head.num_vertices
+    mirrored_dirs = head.shapedirs[m] * MIRROR[None, :, None]
+    assert set(torch.sign((mirrored_dirs * head.shapedirs).sum((0, 1))).tolist()) == {1.0, -1.0}
 
 
 def test_identity_modes_are_orthogonal_smooth_with_decreasing_std(head):

@@ -43,6 +43,17 @@ def ibug68_mirror_permutation() -> list[int]:
     return perm
 
 
+def mirror_preserves_faces(faces: torch.Tensor, mirror_map: torch.Tensor) -> bool:
+    """True when mapping every face through ``mirror_map`` with reversed winding gives the same face
+    set, i.e. ``verts[:, mirror_map] * (-1, 1, 1)`` is a mesh of the same topology and orientation."""
+    def canonical(f: torch.Tensor) -> set[tuple[int, ...]]:
+        rolled = torch.stack([f.roll(-k, dims=1) for k in range(3)], 1)  # the 3 rotations of each face
+        first = rolled[torch.arange(len(f)), f.argmin(1)]
+        return {tuple(t) for t in first.tolist()}
+
+    return canonical(mirror_map[faces][:, [0, 2, 1]]) == canonical(faces)
+
+
 class MorphableParams(NamedTuple):
     shape: torch.Tensor  # (B, n_shape)
     expression: torch.Tensor  # (B, n_expr)

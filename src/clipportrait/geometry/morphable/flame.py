@@ -25,7 +25,7 @@ import torch
 
 from .base import (
     REGION_BROWS, REGION_EARS, REGION_EYES, REGION_LIPS, REGION_NECK, REGION_NOSE, REGION_SCALP, REGION_SKIN,
-    MorphableModel, axis_angle_to_matrix, linear_blend_skinning,
+    MorphableModel, axis_angle_to_matrix, linear_blend_skinning, mirror_preserves_faces,
 )
 from .safe_pickle import load_model_pickle
 from .simplify import decimate
@@ -200,6 +200,8 @@ class FlameModel(MorphableModel):
         self.register_buffer("simplified_faces", i64(simplified_faces))
         self.register_buffer("world_scale", torch.tensor(float(world_scale)))
         self.register_buffer("world_translation", f32(translation))
+        # Flip augmentation through mirror_map is only exact if the triangulation is symmetric too.
+        self.mirror_topology_exact = mirror_preserves_faces(self.faces, self.mirror_map)
         if landmark_faces is not None:
             self.register_buffer("landmark_faces", i64(landmark_faces))
             self.register_buffer("landmark_bary", f32(landmark_bary))

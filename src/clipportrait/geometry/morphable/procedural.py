@@ -38,7 +38,7 @@ import torch
 
 from .base import (
     REGION_BROWS, REGION_EARS, REGION_EYES, REGION_LIPS, REGION_NECK, REGION_NOSE, REGION_SCALP,
-    REGION_SKIN, MorphableModel, axis_angle_to_matrix, ibug68_mirror_permutation, linear_blend_skinning,
+    REGION_SKIN, MorphableModel, MorphableParams, axis_angle_to_matrix, ibug68_mirror_permutation, linear_blend_skinning,
 )
 
 # Grid resolution of the full mesh: V = RINGS * COLUMNS + 2, F = 2 * RINGS * COLUMNS.
@@ -552,6 +552,20 @@ class ProceduralHead(MorphableModel):
         self.register_buffer("simplified_faces", i64(t.simplified_faces))
         self.register_buffer("world_scale", torch.tensor(PROCEDURAL_WORLD_SCALE))
         self.register_buffer("world_translation", torch.tensor(PROCEDURAL_WORLD_TRANSLATION))
+
+    def mirror_parameters(self, params: MorphableParams) -> MorphableParams:
+        """Parameters whose mesh is exactly ``self.mirror(mesh of params)``: antisymmetric identity
+        modes change sign, left/right expression modes swap, the y/z axis-angle components flip."""
+        flip = torch.tensor([-1.0, 1.0, 1.0], dtype=self.shapedirs.dtype, device=self.shapedirs.device)
+        mirrored_dirs = self.shapedirs[self.mirror_map] * flip[None, :, None]
+        shape_sign = torch.sign((mirrored_dirs * self.shapedirs).sum((0, 1)))
+        swap = {"_left": "_right", "_right": "_left"}
+        perm = []
+        for name in self.expression_names:
+            suffix = next((s for s in swap if name.endswith(s)), None)
+            perm.append(self.expression_names.index(name[: -len(suffix)] + swap[suffix]) if suffix else self.expression_names.index(name))
+        pose_flip = torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0, -1.0], dtype=params.pose.dtype, device=params.pose.device)
+        return MorphableParams(params.shape * shape_sign, params.expression[:, perm], params.pose * pose_flip)
 
     def _native_vertices(self, shape: torch.Tensor, expression: torch.Tensor, pose: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
         if extra:
