@@ -5,7 +5,9 @@ python -m benchmarks.bench_geometry --device cpu --small          # checks the s
 
 Deformation: 64*64*96 ray samples per image (EG3D's 64^2 neural render, 48+48 samples) against a
 closed head-like mesh of 2,520 triangles (a latitude-longitude sphere squashed to head proportions
-with smooth bumps), batches 1, 8, 32, for a few candidate-grid hierarchies; baselines: pytorch3d's
+with smooth bumps), batches 1, 8, 32, for a few candidate-grid hierarchies and capacities (forward, and
+forward + backward to the points at the default grid; the grid's overflow fraction and mean candidate
+count are recorded under "extra"); baselines: pytorch3d's
 brute-force point-to-triangle kernel and knn_points (K=1) against a ~5k-vertex version of the mesh.
 Mesh render: world-coordinate render at 64^2 and 512^2, batch 32, of a ~10k-triangle (FLAME-size) mesh.
 """
@@ -16,7 +18,7 @@ import torch
 
 from benchmarks.harness import common_args, report, time_fn
 from clipportrait.geometry import cameras as C
-from clipportrait.geometry.deformation import DeformationConfig, SurfaceFieldDeformation
+from clipportrait.geometry.deformation import DeformationConfig, SurfaceFieldDeformation, build_fixed_grid
 from clipportrait.geometry.mesh_render import render_vertex_coords
 
 
@@ -63,8 +65,9 @@ def sample_points(labels: torch.Tensor, res: int, samples: int) -> torch.Tensor:
 def main() -> None:
     parser = common_args(__doc__)
     parser.add_argument("--batches", type=int, nargs="+", default=None)
-    parser.add_argument("--levels", type=str, nargs="+", default=["4,8,16,32", "4,8,16,32,64", "8,32"],
-                        help="candidate-grid hierarchies to time, comma-separated resolutions")
+    parser.add_argument("--grids", type=str, nargs="+", default=["4,8,16,32:256", "4,8,16,32:128", "8,16,32:256",
+                                                                 "4,8,16,32,64:64"],
+                        help="candidate grids to time: comma-separated resolutions, ':', finest-cell capacity")
     args = parser.parse_args()
     device = torch.device(args.device)
     res, samples = (16, 24) if args.small else (64, 96)
@@ -79,12 +82,31 @@ def main() -> None:
         obs = verts[None] + 0.005 * torch.randn(batch, *verts.shape, device=device)
         n = points.shape[1]
         extra = {"points_per_image": n, "triangles": faces.shape[0]}
-        for levels in args.levels:
-            lv = [int(x) for x in levels.split(",")]
-            module = SurfaceFieldDeformation(faces, DeformationConfig(grid_levels=lv)).to(device)
+        for spec in args.grids:
+            levels, capacity = spec.split(":")
+            cfg = DeformationConfig(grid_levels=[int(x) for x in levels.split(",")], grid_capacity=int(capacity))
+            module = SurfaceFieldDeformation(faces, cfg).to(device)
+            if device.type == "cuda":
+                grid = build_fixed_grid(obs[:, faces].float(), cfg.shell + cfg.blend, cfg.grid_levels, cfg.grid_capacity)
+                own = grid.counts <= cfg.grid_capacity
+                stats = {"overflow_cells": int((~own).sum()), "cells": grid.counts.numel(),
+                         "mean_candidates_nonempty": float(grid.counts[grid.counts > 0].float().mean())}
+            else:
+                stats = {}
             with torch.no_grad():
-                results.append(time_fn(lambda: module(points, obs, canon[None]), name=f"deformation levels={levels}",
-                                       batch=batch, dtype="float32", extra=extra, **timing))
+                results.append(time_fn(lambda: module(points, obs, canon[None]), name=f"deformation {spec}",
+                                       batch=batch, dtype="float32", extra={**extra, **stats}, **timing))
+            if spec == args.grids[0] and device.type == "cuda":
+                obs_tris = obs[:, faces].float()
+                results.append(time_fn(lambda: build_fixed_grid(obs_tris, cfg.shell + cfg.blend, cfg.grid_levels,
+                                                                cfg.grid_capacity),
+                                       name=f"deformation {spec} grid build only", batch=batch, dtype="float32",
+                                       extra=extra, **timing))
+            if spec == args.grids[0]:
+                pts = points.clone().requires_grad_()
+                results.append(time_fn(lambda: torch.autograd.grad(module(pts, obs, canon[None]).sum(), pts),
+                                       name=f"deformation {spec} fwd+bwd (points)", batch=batch, dtype="float32",
+                                       extra=extra, **timing))
         import pytorch3d._C as p3d_c
 
         flat_points = points.reshape(-1, 3)

@@ -219,27 +219,58 @@ from clipportrait.geometry import deformation as D
 from test_deformation import _blobby_sphere, _points_near
 v, f = _blobby_sphere(1)
 tris = v[None][:, f]
-ref, ker = D._TorchSearch(1 << 20), D.TritonSearch()
-grid_t = D.build_candidate_grid(tris, 0.12, [2, 4], ref)
-grid_k = D.build_candidate_grid(tris, 0.12, [2, 4], ker)
-assert torch.equal(grid_t.offsets, grid_k.offsets) and torch.equal(grid_t.tris, grid_k.tris)
+csr = D.build_candidate_grid(tris, 0.12, [2, 4], D._TorchSearch(1 << 20))
+for capacity, overflow_expected in ((512, False), (6, True)):
+    fixed = D.build_fixed_grid(tris, 0.12, [2, 4], capacity)
+    overflowed = 0
+    for cell in range(64):
+        want = csr.tris[csr.offsets[cell] : csr.offsets[cell + 1]].tolist()
+        got = fixed.pool[fixed.starts[cell] : fixed.starts[cell] + fixed.counts[cell]].tolist()
+        if len(want) <= capacity:
+            assert got == want, (capacity, cell)  # same candidates, same (ascending) order
+        else:
+            overflowed += 1
+            assert set(want) <= set(got) and len(got) > capacity, (capacity, cell)
+    assert (overflowed > 0) == overflow_expected
+canon = v * torch.tensor([1.1, 0.9, 1.0]) + 0.02
 pts = _points_near(v, 150, 0.06, 1)[None]
-it, dt = D.grid_nearest(pts, grid_t, tris, ref)
-ik, dk = D.grid_nearest(pts, grid_k, tris, ker)
-assert torch.equal(it < 0, ik < 0)
-found = it >= 0
-assert (dt[found] - dk[found]).abs().max() < 1e-6
-# Differing indices must be ties: the kernel's triangle is at the same exact distance.
-d_kernel = D._point_triangle_dist2(pts[0].double(), v.double()[f][ik[0].clamp_min(0)])
-assert ((d_kernel.sqrt() - dt[0].double().sqrt()).abs()[found[0]] < 1e-6).all()
-assert (it == ik).float().mean() > 0.9
+shift = torch.eye(4)
+shift[:3, 3] = torch.tensor([0.01, -0.02, 0.03])
+tris64 = v.double()[f]
+for projection, capacity, fallback in (("plane", 512, None), ("closest", 6, shift[None])):
+    kw = dict(shell=0.08, blend=0.04, grid_levels=[2, 4], projection=projection)
+    torch_mod = D.SurfaceFieldDeformation(f, D.DeformationConfig(backend="torch", **kw))
+    fused_mod = D.SurfaceFieldDeformation(f, D.DeformationConfig(backend="triton", grid_capacity=capacity, **kw))
+    p_t = pts.clone().requires_grad_()
+    p_k = pts.clone().requires_grad_()
+    out_t, info = torch_mod(p_t, v[None], canon[None], fallback=fallback, return_info=True)
+    out_k = fused_mod(p_k, v[None], canon[None], fallback=fallback)
+    _, idx = D.triton_deform(pts, tris, canon[None][:, f], fallback, fused_mod.cfg)
+    idx = idx.long()
+    assert torch.equal(idx < 0, info.triangle < 0)
+    found = idx[0] >= 0
+    # Differing indices must be exact ties: the kernel's triangle is at the torch search's distance.
+    d_kernel = D._point_triangle_dist2(pts[0].double(), tris64[idx[0].clamp_min(0)]).sqrt()
+    assert ((d_kernel - info.distance[0].double()).abs()[found] < 1e-6).all()
+    same = idx == info.triangle
+    assert same.float().mean() > 0.9
+    assert torch.allclose(out_k[same], out_t[same], atol=1e-5)
+    assert torch.equal(out_k[idx < 0], out_t[idx < 0])
+    # Backward of the fused path (PyTorch eq. 5 on the kernel's triangles) equals the torch path's.
+    weights = torch.randn(out_t.shape, generator=torch.Generator().manual_seed(2))
+    (g_t,) = torch.autograd.grad((out_t * weights).sum(), p_t)
+    (g_k,) = torch.autograd.grad((out_k * weights).sum(), p_k)
+    assert torch.allclose(g_k[same], g_t[same], atol=1e-5)
 print("ok")
 """
 
 
 def test_triton_kernels_match_torch_search_in_interpreter():
-    """The Triton candidate kernels (run by Triton's CPU interpreter) build the same candidate grid
-    as the PyTorch search and return the same nearest distances (indices equal up to exact ties)."""
+    """The Triton kernels (run by Triton's CPU interpreter): the fixed-capacity grid lists exactly the
+    PyTorch grid's candidates in each cell that fits its capacity and a superset in each that
+    overflows; the fused search + eq. 5 kernel picks triangles at the same distance as the PyTorch
+    path (indices equal up to exact ties), maps points identically (1e-5, both projections, with and
+    without a fallback, with and without overflow) and its backward gives the PyTorch path's gradients."""
     import os
     import subprocess
     import sys
@@ -254,24 +285,32 @@ def test_triton_kernels_match_torch_search_in_interpreter():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need CUDA")
 def test_cuda_backends_are_exact_against_bruteforce():
-    """On CUDA, the Triton and the PyTorch backends both find a triangle at the float64 brute-force
-    minimum distance for >= 99.9 % of points within reach, and map points identically (1e-5)
-    wherever they chose the same triangle (elsewhere they picked different triangles of an exact tie)."""
+    """On CUDA, the fused Triton path (ample and tiny grid capacity, the latter overflowing into parent
+    lists) and the PyTorch path all find a triangle at the float64 brute-force minimum distance for
+    >= 99.9 % of points within reach, map points identically (1e-5) and give the same point gradients
+    (1e-4) wherever they chose the same triangle (elsewhere they picked different triangles of an exact tie)."""
     verts, faces = _blobby_sphere(3)
     canon = verts * torch.tensor([1.1, 0.9, 1.0]) + torch.tensor([0.0, 0.02, 0.05])
     points = torch.stack([_points_near(verts, 20000, 0.06, seed=s) for s in (5, 6)])
     bf_idx, bf_dist = D.nearest_triangle_bruteforce(points, verts[None].expand(2, -1, -1), faces)
     tris64 = verts.double()[faces]
+    weights = torch.randn(points.shape, generator=torch.Generator().manual_seed(7)).cuda()
     outs = {}
-    for backend in ("triton", "torch"):
-        cfg = D.DeformationConfig(shell=0.08, blend=0.04, backend=backend)
+    for name, backend, capacity in (("triton", "triton", 256), ("triton-overflow", "triton", 8), ("torch", "torch", 256)):
+        cfg = D.DeformationConfig(shell=0.08, blend=0.04, backend=backend, grid_capacity=capacity)
         module = D.SurfaceFieldDeformation(faces.cuda(), cfg)
-        out, info = module(points.cuda(), verts[None].expand(2, -1, -1).cuda(), canon[None].cuda(), return_info=True)
+        p = points.cuda().requires_grad_()
+        out = module(p, verts[None].expand(2, -1, -1).cuda(), canon[None].cuda())
+        (grad,) = torch.autograd.grad((out * weights).sum(), p)
+        _, info = module(points.cuda(), verts[None].expand(2, -1, -1).cuda(), canon[None].cuda(), return_info=True)
         within = bf_dist <= cfg.shell + cfg.blend
+        assert torch.equal((info.triangle.cpu() >= 0)[within], torch.ones_like(within)[within]), name
         chosen = info.triangle.cpu().clamp_min(0)
         d = D._point_triangle_dist2(points.double().reshape(-1, 3), tris64[chosen.reshape(-1)]).sqrt().reshape(2, -1)
-        assert ((d - bf_dist).abs() <= 1e-5)[within].float().mean() >= 0.999, backend
-        outs[backend] = out.cpu(), info.triangle.cpu()
-    same = outs["triton"][1] == outs["torch"][1]
-    assert same.float().mean() > 0.99
-    assert torch.allclose(outs["triton"][0][same], outs["torch"][0][same], atol=1e-5)
+        assert ((d - bf_dist).abs() <= 1e-5)[within].float().mean() >= 0.999, name
+        outs[name] = out.detach().cpu(), info.triangle.cpu(), grad.cpu()
+    for name in ("triton", "triton-overflow"):
+        same = outs[name][1] == outs["torch"][1]
+        assert same.float().mean() > 0.99, name
+        assert torch.allclose(outs[name][0][same], outs["torch"][0][same], atol=1e-5), name
+        assert torch.allclose(outs[name][2][same], outs["torch"][2][same], atol=1e-4), name

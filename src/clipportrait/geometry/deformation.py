@@ -42,6 +42,7 @@ class DeformationConfig:
     blend: float = 0.05  # band beyond the shell over which the field blends into the rigid fallback
     projection: str = "plane"  # "plane" or "closest", see the module docstring
     grid_levels: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # each divides the next
+    grid_capacity: int = 256  # Triton grid: candidate slots per finest cell (overflow stays exact, slower)
     pair_chunk: int = 1 << 21  # PyTorch backend: (query, triangle) pairs evaluated at once
     backend: str = "auto"  # "auto" (Triton on CUDA when importable), "torch", "triton"
 
@@ -57,6 +58,8 @@ class DeformationConfig:
             raise ValueError(
                 f"deformation grid_levels={levels}: expected positive resolutions, each dividing the next"
             )
+        if self.grid_capacity < 1:
+            raise ValueError(f"deformation grid_capacity={self.grid_capacity}: expected >= 1")
         if self.pair_chunk < 1:
             raise ValueError(f"deformation pair_chunk={self.pair_chunk}: expected >= 1")
 
@@ -276,8 +279,8 @@ except ImportError:  # CPU-only installs: the PyTorch search is used
 if triton is not None:
 
     @triton.jit
-    def _tri_dist2(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz):
-        """Squared point-triangle distance; same region logic as closest_point_barycentrics."""
+    def _closest_vw(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz):
+        """Barycentrics (v, w) of the closest point; same region logic as closest_point_barycentrics."""
         abx, aby, abz = bx - ax, by - ay, bz - az
         acx, acy, acz = cx - ax, cy - ay, cz - az
         d1 = abx * (px - ax) + aby * (py - ay) + abz * (pz - az)
@@ -315,135 +318,212 @@ if triton is not None:
         at_a = (d1 <= 0) & (d2 <= 0)
         v = tl.where(at_a, 0.0, v)
         w = tl.where(at_a, 0.0, w)
+        return v, w
+
+    @triton.jit
+    def _tri_dist2(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz):
+        """Squared point-triangle distance."""
+        v, w = _closest_vw(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz)
+        abx, aby, abz = bx - ax, by - ay, bz - az
+        acx, acy, acz = cx - ax, cy - ay, cz - az
         qx = ax + v * abx + w * acx - px
         qy = ay + v * aby + w * acy - py
         qz = az + v * abz + w * acz - pz
         return qx * qx + qy * qy + qz * qz
 
     @triton.jit
-    def _load_tri(tri_ptr, t, mask):
-        base = t * 9
-        ax = tl.load(tri_ptr + base + 0, mask=mask, other=0.0)
-        ay = tl.load(tri_ptr + base + 1, mask=mask, other=0.0)
-        az = tl.load(tri_ptr + base + 2, mask=mask, other=0.0)
-        bx = tl.load(tri_ptr + base + 3, mask=mask, other=0.0)
-        by = tl.load(tri_ptr + base + 4, mask=mask, other=0.0)
-        bz = tl.load(tri_ptr + base + 5, mask=mask, other=0.0)
-        cx = tl.load(tri_ptr + base + 6, mask=mask, other=0.0)
-        cy = tl.load(tri_ptr + base + 7, mask=mask, other=0.0)
-        cz = tl.load(tri_ptr + base + 8, mask=mask, other=0.0)
-        return ax, ay, az, bx, by, bz, cx, cy, cz
+    def _load_corner(tri_ptr, t, corner: tl.constexpr, mask):
+        base = t * 9 + corner * 3
+        x = tl.load(tri_ptr + base + 0, mask=mask, other=0.0)
+        y = tl.load(tri_ptr + base + 1, mask=mask, other=0.0)
+        z = tl.load(tri_ptr + base + 2, mask=mask, other=0.0)
+        return x, y, z
 
     @triton.jit
-    def _nearest_kernel(q_ptr, start_ptr, count_ptr, cand_ptr, tri_ptr, d2_ptr, idx_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < n
-        px = tl.load(q_ptr + offs * 3 + 0, mask=m, other=0.0)
-        py = tl.load(q_ptr + offs * 3 + 1, mask=m, other=0.0)
-        pz = tl.load(q_ptr + offs * 3 + 2, mask=m, other=0.0)
-        start = tl.load(start_ptr + offs, mask=m, other=0)
-        count = tl.load(count_ptr + offs, mask=m, other=0)
+    def _refine_kernel(pool_ptr, tri_ptr, lo_ptr, size_ptr, pstart_ptr, pcount_ptr, start_ptr, count_ptr,
+                       base, n_cells, res, parent_res, reach, CAP: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_T: tl.constexpr):
+        """One grid level: each cell keeps its parent's candidates t with dist(centre, t) <= dmin + 2h
+        (none if dmin > reach + h), written to its CAP slots in the parent's order; a cell with more
+        than CAP such candidates keeps its parent's list (a superset), so the grid stays exact."""
+        cells = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cm = cells < n_cells
+        per_mesh = res * res * res
+        b = cells // per_mesh
+        r = cells % per_mesh
+        i = r // (res * res)
+        j = (r // res) % res
+        k = r % res
+        factor = res // parent_res
+        parent = (b * parent_res + i // factor) * parent_res + j // factor
+        parent = parent * parent_res + k // factor
+        pstart = tl.load(pstart_ptr + parent, mask=cm, other=0)
+        pcount = tl.load(pcount_ptr + parent, mask=cm, other=0)
+        sx = tl.load(size_ptr + b * 3 + 0, mask=cm, other=1.0) / res
+        sy = tl.load(size_ptr + b * 3 + 1, mask=cm, other=1.0) / res
+        sz = tl.load(size_ptr + b * 3 + 2, mask=cm, other=1.0) / res
+        px = tl.load(lo_ptr + b * 3 + 0, mask=cm, other=0.0) + (i.to(tl.float32) + 0.5) * sx
+        py = tl.load(lo_ptr + b * 3 + 1, mask=cm, other=0.0) + (j.to(tl.float32) + 0.5) * sy
+        pz = tl.load(lo_ptr + b * 3 + 2, mask=cm, other=0.0) + (k.to(tl.float32) + 0.5) * sz
+        half_diag = 0.5 * tl.sqrt(sx * sx + sy * sy + sz * sz)
+        tol = 1e-3 * half_diag + 1e-6  # float32 rounding of the distances
+        px2, py2, pz2 = px[:, None], py[:, None], pz[:, None]
+        slots = tl.arange(0, BLOCK_T)[None, :]
+        kmax = tl.max(pcount, axis=0)
+        best = tl.full([BLOCK_C], float("inf"), tl.float32)
+        s = 0
+        while s < kmax:
+            act = (s + slots) < pcount[:, None]
+            t = tl.load(pool_ptr + pstart[:, None] + s + slots, mask=act, other=0)
+            ax, ay, az = _load_corner(tri_ptr, t, 0, act)
+            bx, by, bz = _load_corner(tri_ptr, t, 1, act)
+            cx, cy, cz = _load_corner(tri_ptr, t, 2, act)
+            d2 = _tri_dist2(px2, py2, pz2, ax, ay, az, bx, by, bz, cx, cy, cz)
+            best = tl.minimum(best, tl.min(tl.where(act, d2, float("inf")), axis=1))
+            s += BLOCK_T
+        dmin = tl.sqrt(best)
+        slack = 2 * half_diag + tol
+        thresh2 = tl.where(dmin <= reach + half_diag + tol, (dmin + slack) * (dmin + slack), -1.0)
+        own = base + cells.to(tl.int64) * CAP
+        written = tl.zeros([BLOCK_C], tl.int32)
+        s = 0
+        while s < kmax:
+            act = (s + slots) < pcount[:, None]
+            t = tl.load(pool_ptr + pstart[:, None] + s + slots, mask=act, other=0)
+            ax, ay, az = _load_corner(tri_ptr, t, 0, act)
+            bx, by, bz = _load_corner(tri_ptr, t, 1, act)
+            cx, cy, cz = _load_corner(tri_ptr, t, 2, act)
+            d2 = _tri_dist2(px2, py2, pz2, ax, ay, az, bx, by, bz, cx, cy, cz)
+            keep = act & (d2 <= thresh2[:, None])
+            keep_i = keep.to(tl.int32)
+            pos = written[:, None] + tl.cumsum(keep_i, axis=1) - 1
+            tl.store(pool_ptr + own[:, None] + pos, t, mask=keep & (pos < CAP))
+            written += tl.sum(keep_i, axis=1)
+            s += BLOCK_T
+        overflow = written > CAP
+        tl.store(start_ptr + cells, tl.where(overflow, pstart, own), mask=cm)
+        tl.store(count_ptr + cells, tl.where(overflow, pcount, written), mask=cm)
+
+    @triton.jit
+    def _deform_kernel(pts_ptr, out_ptr, idx_ptr, obs_ptr, can_ptr, fb_ptr, lo_ptr, size_ptr, start_ptr, count_ptr,
+                       pool_ptr, total, n_per, num_faces, canon_batched, res, shell, blend,
+                       MAP: tl.constexpr, PLANE: tl.constexpr, HAS_FALLBACK: tl.constexpr, HARD_BLEND: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        """Per point: exact nearest triangle over its grid cell's candidates, then (MAP) eq. 5 on that
+        triangle, the blend weight and the rigid fallback, writing the output point."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < total
+        b = offs // n_per
+        px = tl.load(pts_ptr + offs * 3 + 0, mask=m, other=0.0)
+        py = tl.load(pts_ptr + offs * 3 + 1, mask=m, other=0.0)
+        pz = tl.load(pts_ptr + offs * 3 + 2, mask=m, other=0.0)
+        rx = (px - tl.load(lo_ptr + b * 3 + 0, mask=m, other=0.0)) / (tl.load(size_ptr + b * 3 + 0, mask=m, other=1.0) / res)
+        ry = (py - tl.load(lo_ptr + b * 3 + 1, mask=m, other=0.0)) / (tl.load(size_ptr + b * 3 + 1, mask=m, other=1.0) / res)
+        rz = (pz - tl.load(lo_ptr + b * 3 + 2, mask=m, other=0.0)) / (tl.load(size_ptr + b * 3 + 2, mask=m, other=1.0) / res)
+        inside = m & (rx >= 0) & (rx < res) & (ry >= 0) & (ry < res) & (rz >= 0) & (rz < res)
+        ci = tl.minimum(tl.maximum(tl.floor(rx), 0.0), res - 1.0).to(tl.int64)
+        cj = tl.minimum(tl.maximum(tl.floor(ry), 0.0), res - 1.0).to(tl.int64)
+        ck = tl.minimum(tl.maximum(tl.floor(rz), 0.0), res - 1.0).to(tl.int64)
+        cell = ((b * res + ci) * res + cj) * res + ck
+        start = tl.load(start_ptr + cell, mask=inside, other=0)
+        count = tl.load(count_ptr + cell, mask=inside, other=0)
         best = tl.full([BLOCK], float("inf"), tl.float32)
-        best_t = tl.full([BLOCK], -1, tl.int64)
-        # A while loop on the block's largest count (also runs under TRITON_INTERPRET=1).
+        best_t = tl.full([BLOCK], -1, tl.int32)
         kmax = tl.max(count, axis=0)
         k = 0
         while k < kmax:
             act = k < count
-            t = tl.load(cand_ptr + start + k, mask=act, other=0)
-            ax, ay, az, bx, by, bz, cx, cy, cz = _load_tri(tri_ptr, t, act)
+            t = tl.load(pool_ptr + start + k, mask=act, other=0)
+            ax, ay, az = _load_corner(obs_ptr, t, 0, act)
+            bx, by, bz = _load_corner(obs_ptr, t, 1, act)
+            cx, cy, cz = _load_corner(obs_ptr, t, 2, act)
             d2 = _tri_dist2(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz)
-            better = act & (d2 < best)
+            better = act & (d2 < best)  # strict: the first candidate (lowest index) wins exact ties
             best = tl.where(better, d2, best)
             best_t = tl.where(better, t, best_t)
             k += 1
-        tl.store(d2_ptr + offs, best, mask=m)
-        tl.store(idx_ptr + offs, best_t, mask=m)
+        found = best_t >= 0
+        local = tl.where(found, best_t - (b * num_faces).to(tl.int32), -1)
+        tl.store(idx_ptr + offs, local, mask=m)
+        if MAP:
+            if HAS_FALLBACK:
+                fb = fb_ptr + b * 16
+                gx = tl.load(fb + 0, mask=m, other=0.0) * px + tl.load(fb + 1, mask=m, other=0.0) * py + tl.load(fb + 2, mask=m, other=0.0) * pz + tl.load(fb + 3, mask=m, other=0.0)
+                gy = tl.load(fb + 4, mask=m, other=0.0) * px + tl.load(fb + 5, mask=m, other=0.0) * py + tl.load(fb + 6, mask=m, other=0.0) * pz + tl.load(fb + 7, mask=m, other=0.0)
+                gz = tl.load(fb + 8, mask=m, other=0.0) * px + tl.load(fb + 9, mask=m, other=0.0) * py + tl.load(fb + 10, mask=m, other=0.0) * pz + tl.load(fb + 11, mask=m, other=0.0)
+            else:
+                gx, gy, gz = px, py, pz
+            t = tl.where(found, best_t, 0)
+            ax, ay, az = _load_corner(obs_ptr, t, 0, found)
+            bx, by, bz = _load_corner(obs_ptr, t, 1, found)
+            cx, cy, cz = _load_corner(obs_ptr, t, 2, found)
+            tc = tl.where(found, local, 0) + (b * canon_batched * num_faces).to(tl.int32)
+            qax, qay, qaz = _load_corner(can_ptr, tc, 0, found)
+            qbx, qby, qbz = _load_corner(can_ptr, tc, 1, found)
+            qcx, qcy, qcz = _load_corner(can_ptr, tc, 2, found)
+            abx, aby, abz = bx - ax, by - ay, bz - az
+            acx, acy, acz = cx - ax, cy - ay, cz - az
+            if PLANE:
+                apx, apy, apz = px - ax, py - ay, pz - az
+                bb = abx * abx + aby * aby + abz * abz
+                bc = abx * acx + aby * acy + abz * acz
+                cc = acx * acx + acy * acy + acz * acz
+                e1 = abx * apx + aby * apy + abz * apz
+                e2 = acx * apx + acy * apy + acz * apz
+                det = bb * cc - bc * bc
+                det = tl.where(det == 0, 1.0, det)
+                v = (cc * e1 - bc * e2) / det
+                w = (bb * e2 - bc * e1) / det
+            else:
+                v, w = _closest_vw(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz)
+            u = 1 - v - w
+            # Unit normals of both triangles (eq. 5's n^D and n^C).
+            nx = aby * acz - abz * acy
+            ny = abz * acx - abx * acz
+            nz = abx * acy - aby * acx
+            inv = 1.0 / tl.maximum(tl.sqrt(nx * nx + ny * ny + nz * nz), 1e-20)
+            nx, ny, nz = nx * inv, ny * inv, nz * inv
+            kbx, kby, kbz = qbx - qax, qby - qay, qbz - qaz
+            kcx, kcy, kcz = qcx - qax, qcy - qay, qcz - qaz
+            mx = kby * kcz - kbz * kcy
+            my = kbz * kcx - kbx * kcz
+            mz = kbx * kcy - kby * kcx
+            inv = 1.0 / tl.maximum(tl.sqrt(mx * mx + my * my + mz * mz), 1e-20)
+            mx, my, mz = mx * inv, my * inv, mz * inv
+            offset = ((px - (u * ax + v * bx + w * cx)) * nx + (py - (u * ay + v * by + w * cy)) * ny
+                      + (pz - (u * az + v * bz + w * cz)) * nz)
+            ox = u * qax + v * qbx + w * qcx + offset * mx
+            oy = u * qay + v * qby + w * qcy + offset * my
+            oz = u * qaz + v * qbz + w * qcz + offset * mz
+            dist = tl.sqrt(best)
+            if HARD_BLEND:
+                weight = tl.where(dist <= shell, 1.0, 0.0)
+            else:
+                tb = tl.minimum(tl.maximum((dist - shell) / blend, 0.0), 1.0)
+                weight = 1 - tb * tb * (3 - 2 * tb)
+            weight = tl.where(found, weight, 0.0)
+            ox = tl.where(found, weight * ox + (1 - weight) * gx, gx)
+            oy = tl.where(found, weight * oy + (1 - weight) * gy, gy)
+            oz = tl.where(found, weight * oz + (1 - weight) * gz, gz)
+            tl.store(out_ptr + offs * 3 + 0, ox, mask=m)
+            tl.store(out_ptr + offs * 3 + 1, oy, mask=m)
+            tl.store(out_ptr + offs * 3 + 2, oz, mask=m)
 
-    @triton.jit
-    def _select_kernel(q_ptr, start_ptr, count_ptr, cand_ptr, tri_ptr, thresh2_ptr, out_start_ptr, out_count_ptr,
-                       out_ptr, n, WRITE: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < n
-        px = tl.load(q_ptr + offs * 3 + 0, mask=m, other=0.0)
-        py = tl.load(q_ptr + offs * 3 + 1, mask=m, other=0.0)
-        pz = tl.load(q_ptr + offs * 3 + 2, mask=m, other=0.0)
-        start = tl.load(start_ptr + offs, mask=m, other=0)
-        count = tl.load(count_ptr + offs, mask=m, other=0)
-        thresh2 = tl.load(thresh2_ptr + offs, mask=m, other=-1.0)
-        out_start = tl.load(out_start_ptr + offs, mask=m, other=0)
-        kept = tl.zeros([BLOCK], tl.int64)
-        kmax = tl.max(count, axis=0)
-        k = 0
-        while k < kmax:
-            act = k < count
-            t = tl.load(cand_ptr + start + k, mask=act, other=0)
-            ax, ay, az, bx, by, bz, cx, cy, cz = _load_tri(tri_ptr, t, act)
-            d2 = _tri_dist2(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz)
-            keep = act & (d2 <= thresh2)
-            if WRITE:
-                tl.store(out_ptr + out_start + kept, t, mask=keep)
-            kept += keep.to(tl.int64)
-            k += 1
-        if not WRITE:
-            tl.store(out_count_ptr + offs, kept, mask=m)
+def _grid_box(tris: Tensor, reach: float) -> tuple[Tensor, Tensor]:
+    """Corner (B,3) and size (B,3) of the meshes' bounding boxes grown by ``reach`` (and a margin that
+    keeps every point within ``reach`` of a mesh strictly inside its box)."""
+    corners = tris.reshape(tris.shape[0], -1, 3)
+    cmin, cmax = corners.amin(1), corners.amax(1)
+    margin = reach + 1e-4 * (cmax - cmin).amax(-1, keepdim=True) + 1e-6
+    return cmin - margin, cmax - cmin + 2 * margin
 
 
-class TritonSearch:
-    """Candidate loops as Triton kernels: one program per BLOCK queries, looping over candidates."""
-
-    BLOCK = 128
-
-    def _grid(self, n: int):
-        return (triton.cdiv(n, self.BLOCK),)
-
-    def nearest(self, queries: Tensor, starts: Tensor, counts: Tensor, cand: Tensor, tris: Tensor):
-        n = queries.shape[0]
-        d2 = torch.empty(n, device=queries.device, dtype=torch.float32)
-        idx = torch.empty(n, device=queries.device, dtype=torch.long)
-        if n:
-            _nearest_kernel[self._grid(n)](queries.float().contiguous(), starts.contiguous(), counts.contiguous(),
-                                           cand.contiguous(), tris.float().contiguous(), d2, idx, n, BLOCK=self.BLOCK)
-        return d2, idx
-
-    def select(self, queries: Tensor, starts: Tensor, counts: Tensor, cand: Tensor, tris: Tensor,
-               slack: Tensor, limit: Tensor) -> tuple[Tensor, Tensor]:
-        n = queries.shape[0]
-        d2, _ = self.nearest(queries, starts, counts, cand, tris)
-        dmin = d2.sqrt()
-        # Squared threshold; -1 rejects everything in cells wholly beyond the reach.
-        thresh2 = torch.where(dmin <= limit, (dmin + slack) ** 2, torch.full_like(dmin, -1.0)).float()
-        args = (queries.float().contiguous(), starts.contiguous(), counts.contiguous(), cand.contiguous(),
-                tris.float().contiguous(), thresh2)
-        new_counts = torch.zeros_like(counts)
-        out_start = torch.zeros_like(counts)
-        _select_kernel[self._grid(n)](*args, out_start, new_counts, cand, n, WRITE=False, BLOCK=self.BLOCK)
-        out_start = torch.cumsum(new_counts, 0) - new_counts
-        out = torch.empty(int(new_counts.sum()), device=cand.device, dtype=cand.dtype)
-        _select_kernel[self._grid(n)](*args, out_start, new_counts, out, n, WRITE=True, BLOCK=self.BLOCK)
-        return new_counts, out
-
-
-def _make_search(backend: str, device: torch.device, pair_chunk: int):
-    if backend == "torch" or (backend == "auto" and (device.type != "cuda" or triton is None)):
-        return _TorchSearch(pair_chunk)
-    if triton is None:
-        raise RuntimeError("deformation backend='triton' requested but Triton is not importable")
-    return TritonSearch()
-
-
-def build_candidate_grid(
-    tris: Tensor, reach: float, levels: list[int], search
-) -> _Grid:
-    """Exact candidate grid for triangles ``tris`` (B,F,3,3) over their bounding box grown by ``reach``."""
+def build_candidate_grid(tris: Tensor, reach: float, levels: list[int], search: _TorchSearch) -> _Grid:
+    """Exact candidate grid (CSR, PyTorch) for triangles ``tris`` (B,F,3,3) over their box grown by ``reach``."""
     batch, num_faces = tris.shape[:2]
-    device, dtype = tris.device, tris.dtype
+    device = tris.device
     flat = tris.reshape(-1, 3, 3)
-    corners = tris.reshape(batch, -1, 3)
-    # The margin keeps every point within `reach` of the mesh strictly inside the box.
-    margin = reach + 1e-4 * (corners.amax(1) - corners.amin(1)).amax(-1, keepdim=True) + 1e-6
-    lo = corners.amin(1) - margin
-    size = corners.amax(1) + margin - lo
+    lo, size = _grid_box(tris, reach)
     # Root: one cell per mesh listing all of its triangles.
     parent_res = 1
     offsets = torch.arange(batch + 1, device=device) * num_faces
@@ -462,7 +542,7 @@ def build_candidate_grid(
     return _Grid(parent_res, lo, size / parent_res, offsets, cand)
 
 
-def grid_nearest(points: Tensor, grid: _Grid, tris: Tensor, search) -> tuple[Tensor, Tensor]:
+def grid_nearest(points: Tensor, grid: _Grid, tris: Tensor, search: _TorchSearch) -> tuple[Tensor, Tensor]:
     """Nearest triangle (local index, -1 if none within reach) and squared distance for points (B,N,3)."""
     batch, n = points.shape[:2]
     num_faces = tris.shape[1]
@@ -480,7 +560,80 @@ def grid_nearest(points: Tensor, grid: _Grid, tris: Tensor, search) -> tuple[Ten
     return local.reshape(batch, n), d2.reshape(batch, n)
 
 
-# ----------------------------------------------------------------------------- the module
+@dataclass
+class FixedGrid:
+    """Candidate grid of fixed capacity, built without host synchronisation (Triton).
+
+    Cell c (numbered b*res^3 + (i*res + j)*res + k) lists ``pool[starts[c] : starts[c] + counts[c]]``,
+    global triangle ids b*F + t: its own slots, or its parent's list if it had more candidates than
+    its level's capacity (a superset, so the search stays exact)."""
+
+    res: int
+    lo: Tensor  # (B,3) float32 box corner
+    size: Tensor  # (B,3) float32 box size
+    starts: Tensor  # (B*res^3,) int64
+    counts: Tensor  # (B*res^3,) int32
+    pool: Tensor  # int32: the root lists (all triangles) then each level's slots
+
+
+def level_capacities(levels: list[int], capacity: int, num_faces: int) -> list[int]:
+    """Slots per cell at each level: ``capacity`` at the finest, growing with the cell's area for
+    coarser levels (candidate counts scale with the surface near a cell), at most ``num_faces``."""
+    return [min(num_faces, capacity * (levels[-1] // res) ** 2) for res in levels]
+
+
+def build_fixed_grid(tris: Tensor, reach: float, levels: list[int], capacity: int) -> FixedGrid:
+    """Exact fixed-capacity candidate grid for float32 triangles ``tris`` (B,F,3,3): one kernel per level."""
+    batch, num_faces = tris.shape[:2]
+    device = tris.device
+    lo, size = (x.contiguous() for x in _grid_box(tris, reach))
+    caps = level_capacities(levels, capacity, num_faces)
+    root = batch * num_faces
+    total = root + sum(batch * res**3 * cap for res, cap in zip(levels, caps))
+    pool = torch.empty(total, device=device, dtype=torch.int32)
+    pool[:root] = torch.arange(root, device=device, dtype=torch.int32)
+    starts = torch.arange(batch, device=device, dtype=torch.int64) * num_faces
+    counts = torch.full((batch,), num_faces, device=device, dtype=torch.int32)
+    flat = tris.reshape(-1, 9).contiguous()
+    base, parent_res = root, 1
+    for res, cap in zip(levels, caps):
+        n_cells = batch * res**3
+        new_starts = torch.empty(n_cells, device=device, dtype=torch.int64)
+        new_counts = torch.empty(n_cells, device=device, dtype=torch.int32)
+        _refine_kernel[(triton.cdiv(n_cells, 16),)](pool, flat, lo, size, starts, counts, new_starts, new_counts,
+                                                    base, n_cells, res, parent_res, float(reach), CAP=cap,
+                                                    BLOCK_C=16, BLOCK_T=32)
+        starts, counts, base, parent_res = new_starts, new_counts, base + n_cells * cap, res
+    return FixedGrid(parent_res, lo, size, starts, counts, pool)
+
+
+def triton_deform(points: Tensor, obs_tris: Tensor, canon_tris: Tensor, fallback: Tensor | None,
+                  cfg: DeformationConfig, map_points: bool = True) -> tuple[Tensor | None, Tensor]:
+    """Fused search + eq. 5 + blend (Triton): output points (B,N,3) float32 (None unless
+    ``map_points``) and the nearest triangle (B,N) int32, -1 where none is within shell + blend.
+
+    points (B,N,3), obs_tris (B,F,3,3), canon_tris (B or 1,F,3,3), fallback (B,4,4) or None; no autograd."""
+    batch, n = points.shape[:2]
+    num_faces = obs_tris.shape[1]
+    obs = obs_tris.float().contiguous()
+    grid = build_fixed_grid(obs, cfg.shell + cfg.blend, list(cfg.grid_levels), cfg.grid_capacity)
+    pts = points.float().contiguous()
+    idx = torch.empty(batch, n, device=points.device, dtype=torch.int32)
+    out = torch.empty(batch, n, 3, device=points.device, dtype=torch.float32) if map_points else idx
+    can = canon_tris.float().contiguous()
+    fb = fallback.float().contiguous() if fallback is not None else pts
+    total = batch * n
+    if total:
+        block = 128
+        _deform_kernel[(triton.cdiv(total, block),)](
+            pts, out, idx, obs, can, fb, grid.lo, grid.size, grid.starts, grid.counts, grid.pool, total, n,
+            num_faces, int(canon_tris.shape[0] > 1), grid.res, float(cfg.shell), float(cfg.blend),
+            MAP=map_points, PLANE=cfg.projection == "plane", HAS_FALLBACK=fallback is not None,
+            HARD_BLEND=cfg.blend == 0, BLOCK=block)
+    return (out if map_points else None), idx
+
+
+# ----------------------------------------------------------------------------- eq. 5 in PyTorch
 
 
 def _smooth_weight(distance: Tensor, shell: float, blend: float) -> Tensor:
@@ -489,6 +642,77 @@ def _smooth_weight(distance: Tensor, shell: float, blend: float) -> Tensor:
         return (distance <= shell).to(distance.dtype)
     t = ((distance - shell) / blend).clamp(0, 1)
     return 1 - t * t * (3 - 2 * t)
+
+
+def _rigid(points: Tensor, fallback: Tensor | None) -> Tensor:
+    return points if fallback is None else points @ fallback[:, :3, :3].transpose(1, 2) + fallback[:, None, :3, 3]
+
+
+def map_from_triangles(points: Tensor, obs_verts: Tensor, canon_verts: Tensor, faces: Tensor,
+                       fallback: Tensor | None, tri_idx: Tensor, cfg: DeformationConfig,
+                       return_info: bool = False) -> Tensor | tuple[Tensor, DeformationInfo]:
+    """Eq. 5, the blend weight and the rigid fallback given each point's nearest triangle (-1: none).
+
+    Differentiable in points, vertices and fallback; only points with a triangle are gathered."""
+    rigid = _rigid(points, fallback)
+    b_idx, n_idx = (tri_idx >= 0).nonzero(as_tuple=True)
+    face = faces[tri_idx[b_idx, n_idx]]  # (M,3)
+    t_obs = obs_verts[b_idx[:, None], face]  # (M,3,3)
+    canon_b = b_idx if canon_verts.shape[0] > 1 else torch.zeros_like(b_idx)
+    t_can = canon_verts[canon_b[:, None], face]
+    p = points[b_idx, n_idx]
+    a, b, c = t_obs[:, 0], t_obs[:, 1], t_obs[:, 2]
+    closest = closest_point_barycentrics(p, a, b, c)
+    bary = closest if cfg.projection == "closest" else plane_barycentrics(p, a, b, c)
+    dist = (p - _interp(closest, t_obs)).norm(dim=-1)
+    n_obs, n_can = _unit_normal(t_obs), _unit_normal(t_can)
+    offset = _dot(p - _interp(bary, t_obs), n_obs)
+    mapped = _interp(bary, t_can) + offset[:, None] * n_can  # eq. 5
+    weight = _smooth_weight(dist, cfg.shell, cfg.blend)
+    blended = weight[:, None] * mapped + (1 - weight[:, None]) * rigid[b_idx, n_idx]
+    out = rigid.index_put((b_idx, n_idx), blended)
+    if not return_info:
+        return out
+    where = (b_idx, n_idx)
+    zeros = points.new_zeros(tri_idx.shape)
+    dist_all = torch.full_like(zeros, float("inf")).index_put(where, dist)
+    info = DeformationInfo(
+        distance=dist_all,
+        triangle=tri_idx,
+        barycentrics=points.new_zeros(points.shape).index_put(where, bary),
+        offset=zeros.index_put(where, offset),
+        weight=zeros.index_put(where, weight),
+        inside=dist_all <= cfg.shell,
+    )
+    return out, info
+
+
+class _FusedDeformation(torch.autograd.Function):
+    """Forward: the fused Triton kernel. Backward: eq. 5 in PyTorch on the saved triangle choice
+    (the same function as the PyTorch path, so the gradients are those of that path)."""
+
+    @staticmethod
+    def forward(ctx, points, obs_verts, canon_verts, fallback, faces, cfg):
+        out, idx = triton_deform(points.detach(), obs_verts.detach()[:, faces], canon_verts.detach()[:, faces],
+                                 None if fallback is None else fallback.detach(), cfg)
+        ctx.save_for_backward(points, obs_verts, canon_verts, fallback, faces, idx)
+        ctx.cfg = cfg
+        return out.to(points.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        points, obs_verts, canon_verts, fallback, faces, idx = ctx.saved_tensors
+        inputs = [points, obs_verts, canon_verts, fallback]
+        needs = [t is not None and need for t, need in zip(inputs, ctx.needs_input_grad[:4])]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
+            out = map_from_triangles(*leaves[:3], faces, leaves[3], idx.long(), ctx.cfg)
+            wanted = [t for t, need in zip(leaves, needs) if need]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
+        return (*[next(grads) if need else None for need in needs], None, None)
+
+
+# ----------------------------------------------------------------------------- the module
 
 
 class SurfaceFieldDeformation(torch.nn.Module):
@@ -503,6 +727,7 @@ class SurfaceFieldDeformation(torch.nn.Module):
         if faces.numel() == 0 or int(faces.min()) < 0:
             raise ValueError("faces: expected a non-empty face list with non-negative vertex indices")
         self.cfg = cfg
+        self.max_vertex = int(faces.max())  # checked per call without a device sync
         self.register_buffer("faces", faces.long(), persistent=False)
 
     def _check(self, points: Tensor, obs_verts: Tensor, canon_verts: Tensor) -> None:
@@ -514,8 +739,16 @@ class SurfaceFieldDeformation(torch.nn.Module):
             raise ValueError(
                 f"canon_verts: expected shape (1 or {points.shape[0]},{obs_verts.shape[1]},3), got {tuple(canon_verts.shape)}"
             )
-        if int(self.faces.max()) >= obs_verts.shape[1]:
-            raise ValueError(f"faces index vertex {int(self.faces.max())} but the meshes have {obs_verts.shape[1]} vertices")
+        if self.max_vertex >= obs_verts.shape[1]:
+            raise ValueError(f"faces index vertex {self.max_vertex} but the meshes have {obs_verts.shape[1]} vertices")
+
+    def _use_triton(self, device: torch.device) -> bool:
+        backend = self.cfg.backend
+        if backend == "torch" or (backend == "auto" and (device.type != "cuda" or triton is None)):
+            return False
+        if triton is None:
+            raise RuntimeError("deformation backend='triton' requested but Triton is not importable")
+        return True
 
     def forward(
         self,
@@ -529,46 +762,24 @@ class SurfaceFieldDeformation(torch.nn.Module):
 
         obs_verts (B,V,3) / canon_verts (B or 1,V,3) share ``faces``. ``fallback`` is an optional
         (B,4,4) rigid transform for points beyond the shell (identity if None). Differentiable in
-        points and vertices; the discrete triangle choice is not.
+        points, vertices and fallback; the discrete triangle choice is not.
         """
         self._check(points, obs_verts, canon_verts)
-        rigid = points if fallback is None else points @ fallback[:, :3, :3].transpose(1, 2) + fallback[:, None, :3, 3]
         cfg = self.cfg
         if not cfg.enabled:
             if return_info:
                 raise ValueError("return_info=True needs deformation enabled=True")
-            return rigid
-        obs_tris = obs_verts[:, self.faces]  # (B,F,3,3)
-        canon_tris = canon_verts[:, self.faces].expand_as(obs_tris)
-        reach = cfg.shell + cfg.blend
+            return _rigid(points, fallback)
+        if self._use_triton(points.device):
+            if not return_info:
+                return _FusedDeformation.apply(points, obs_verts, canon_verts, fallback, self.faces, cfg)
+            with torch.no_grad():
+                _, tri_idx = triton_deform(points, obs_verts[:, self.faces], canon_verts[:, self.faces], fallback,
+                                           cfg, map_points=False)
+            return map_from_triangles(points, obs_verts, canon_verts, self.faces, fallback, tri_idx.long(), cfg, True)
         with torch.no_grad():
-            search = _make_search(cfg.backend, points.device, cfg.pair_chunk)
-            tris_det = obs_tris.detach().float()
-            grid = build_candidate_grid(tris_det, reach, list(cfg.grid_levels), search)
+            search = _TorchSearch(cfg.pair_chunk)
+            tris_det = obs_verts.detach().float()[:, self.faces]
+            grid = build_candidate_grid(tris_det, cfg.shell + cfg.blend, list(cfg.grid_levels), search)
             tri_idx, _ = grid_nearest(points.detach().float(), grid, tris_det, search)
-        found = tri_idx >= 0
-        safe_idx = tri_idx.clamp_min(0)
-        gather = safe_idx[..., None, None].expand(-1, -1, 3, 3)
-        t_obs = torch.gather(obs_tris, 1, gather)  # (B,N,3,3)
-        t_can = torch.gather(canon_tris, 1, gather)
-        a, b, c = t_obs[..., 0, :], t_obs[..., 1, :], t_obs[..., 2, :]
-        closest = closest_point_barycentrics(points, a, b, c)
-        bary = closest if cfg.projection == "closest" else plane_barycentrics(points, a, b, c)
-        dist = (points - _interp(closest, t_obs)).norm(dim=-1)
-        n_obs, n_can = _unit_normal(t_obs), _unit_normal(t_can)
-        offset = _dot(points - _interp(bary, t_obs), n_obs)
-        mapped = _interp(bary, t_can) + offset[..., None] * n_can  # eq. 5
-        weight = torch.where(found, _smooth_weight(dist, cfg.shell, cfg.blend), torch.zeros_like(dist))
-        out = torch.where(found[..., None], weight[..., None] * mapped + (1 - weight[..., None]) * rigid, rigid)
-        if not return_info:
-            return out
-        inf = torch.full_like(dist, float("inf"))
-        info = DeformationInfo(
-            distance=torch.where(found, dist, inf),
-            triangle=tri_idx,
-            barycentrics=bary,
-            offset=torch.where(found, offset, torch.zeros_like(offset)),
-            weight=weight,
-            inside=found & (dist <= cfg.shell),
-        )
-        return out, info
+        return map_from_triangles(points, obs_verts, canon_verts, self.faces, fallback, tri_idx, cfg, return_info)
