@@ -13,6 +13,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from ..data.config import DataConfig
+from ..geometry.deformation import DeformationConfig
+from ..geometry.morphable.config import MorphableConfig
+from ..nn.config import BackboneConfig, DiscriminatorConfig
 from .base import LoggerConfig, PathsConfig, TrainerConfig
 
 
@@ -20,6 +24,11 @@ from .base import LoggerConfig, PathsConfig, TrainerConfig
 class Config:
     task: Any = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    morphable: MorphableConfig = field(default_factory=MorphableConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    deformation: DeformationConfig = field(default_factory=DeformationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
