@@ -26,7 +26,7 @@ def _synthetic(**kw):
     # Bald heads and wide yaws: the foreground is exactly the mesh, and mirroring errors show. One
     # sample per pixel, so masks hold the region at each pixel centre, as pytorch3d's rasteriser does.
     return SyntheticConfig(num_images=N, resolution=RES, seed=1, render_batch=8, hair_lengths=["bald"],
-                           yaw_std=0.5, supersample=1, **kw)
+                           yaw_std=0.5, supersample=1, workers=1, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from clipportrait.data.synthetic import PortraitRenderer, default_model, generat
 
 
 def _cfg(**kw):
-    base = dict(num_images=6, resolution=32, render_batch=4, seed=3, captions_per_image=3)
+    base = dict(num_images=6, resolution=32, render_batch=4, seed=3, captions_per_image=3, workers=1)
     base.update(kw)
     return SyntheticConfig(**base)
 
@@ -42,10 +42,14 @@ def test_dataset_is_valid_with_captions_and_masks(dataset):
 
 
 def test_deterministic_bytes(dataset, tmp_path):
-    """Same config -> byte-identical files; another seed -> different images."""
+    """Same config -> byte-identical files; another seed -> different images; two worker
+    processes -> the bytes of one."""
     again = generate_synthetic(_cfg(), tmp_path / "again")
     assert _all_bytes(dataset) == _all_bytes(again)
     other = generate_synthetic(_cfg(seed=4), tmp_path / "other")
+    parallel = generate_synthetic(_cfg(render_batch=2, workers=2), tmp_path / "parallel")
+    serial = generate_synthetic(_cfg(render_batch=2), tmp_path / "serial")
+    assert _all_bytes(parallel) == _all_bytes(serial)
     assert (dataset / "images/000000.png").read_bytes() != (other / "images/000000.png").read_bytes()
 
 

@@ -23,6 +23,7 @@ class SyntheticConfig:
     resolution: int = 128
     seed: int = 0
     render_batch: int = 16  # images rasterised together
+    workers: int = 2  # rendering processes (one thread each); the output bytes do not depend on it
     supersample: int = 2  # render at supersample*resolution and box-filter down (anti-aliasing)
     captions_per_image: int = 4
     nuisance_captions: bool = True  # append phrases such as "shot on film, grainy, blue tint"

@@ -25,6 +25,7 @@ Region masks (`format.REGION_IDS`) come from the same rasterisation, so they agr
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import textwrap
@@ -491,7 +492,8 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike, model: 
     Resumable: images and per-batch metadata go to ``<out>.partial`` and a rerun skips the batches
     already there; the dataset appears at ``<out>`` only when complete (`format.DatasetWriter`). An
     existing complete dataset made with the same config is returned as is; one made with another
-    config is an error. ``model`` defaults to the procedural head.
+    config is an error. ``model`` defaults to the procedural head. ``cfg.workers`` processes render
+    batches in parallel (one thread each); the bytes do not depend on it.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -499,7 +501,7 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike, model: 
     out = Path(out_dir)
     if cfg.as_zip and out.suffix != ".zip":
         out = out.with_name(out.name + ".zip")
-    recipe = json.dumps(asdict(cfg), sort_keys=True)
+    recipe = json.dumps({k: v for k, v in asdict(cfg).items() if k != "workers"}, sort_keys=True)
     if out.exists():
         problems = check_dataset(out)
         from .zipfs import DatasetFiles
@@ -510,35 +512,33 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike, model: 
             why = "has problems" if problems else "was made with another config (see synthetic_config.json)"
             raise FileExistsError(f"{out} exists and {why}; delete it or choose another path")
         return out
-    model = model if model is not None else default_model()
-    renderer = PortraitRenderer(model, cfg.resolution, cfg.supersample)
     writer = DatasetWriter(out, as_zip=cfg.as_zip)
-    chunk_dir = writer.partial / "_chunks"
+    chunk_dir = writer.partial / CHUNK_DIR
     chunk_dir.mkdir(exist_ok=True)
     starts = list(range(0, cfg.num_images, cfg.render_batch))
+    todo = [start for start in starts if not (chunk_dir / f"{start:06d}.json").exists()]
+    done = cfg.num_images - sum(min(cfg.render_batch, cfg.num_images - start) for start in todo)
     with Progress(
         TextColumn("synthetic portraits"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeRemainingColumn(), transient=True,
     ) as progress:
-        task = progress.add_task("render", total=cfg.num_images)
-        for start in starts:
-            stop = min(start + cfg.render_batch, cfg.num_images)
-            chunk = chunk_dir / f"{start:06d}.json"
-            if not chunk.exists():
-                items = [sample_item(cfg, i) for i in range(start, stop)]
-                images, masks, labels = renderer.render(items)
-                for k, it in enumerate(items):
-                    writer.add_image(image_name(it.index), images[k], masks[k] if cfg.write_masks else None)
-                meta = [
-                    {
-                        "label": labels[k].tolist(), "shape": it.shape.tolist(), "expression": it.expression.tolist(),
-                        "pose": it.pose.tolist(), "attributes": {**it.attributes, "nuisance": it.nuisance},
-                        "captions": it.captions,
-                    }
-                    for k, it in enumerate(items)
-                ]
-                atomic_write_bytes(chunk, json.dumps(meta).encode())
-            progress.update(task, completed=stop)
+        task = progress.add_task("render", total=cfg.num_images, completed=done)
+        if cfg.workers == 1 or len(todo) <= 1:
+            threads = torch.get_num_threads()
+            _init_worker(cfg, out, model)
+            try:
+                for start in todo:
+                    progress.advance(task, _render_chunk(start))
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            # fork (as DataLoader workers do) shares the built model copy-on-write; spawn elsewhere.
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            model = model if model is not None else default_model()
+            context = multiprocessing.get_context(method)
+            with context.Pool(min(cfg.workers, len(todo)), _init_worker, (cfg, out, model)) as pool:
+                for count in pool.imap_unordered(_render_chunk, todo):
+                    progress.advance(task, count)
     metas = [m for start in starts for m in json.loads((chunk_dir / f"{start:06d}.json").read_bytes())]
     names = [image_name(i) for i in range(cfg.num_images)]
     if cfg.contact_sheet:
@@ -556,11 +556,48 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike, model: 
     )
 
 
+CHUNK_DIR = "_chunks"  # per-batch metadata inside <out>.partial, removed when the dataset is finished
+_worker_state: dict = {}
+
+
+def _init_worker(cfg: SyntheticConfig, out: Path, model: MorphableModel | None) -> None:
+    """Per-process renderer and writer. Rendering always uses one thread so that the bytes do not
+    depend on the number of worker processes (float reductions differ across thread counts)."""
+    torch.set_num_threads(1)
+    _worker_state.update(
+        cfg=cfg,
+        writer=DatasetWriter(out, as_zip=cfg.as_zip),
+        renderer=PortraitRenderer(model if model is not None else default_model(), cfg.resolution, cfg.supersample),
+    )
+
+
+def _render_chunk(start: int) -> int:
+    """Render and store images start..start+render_batch, then their metadata chunk (last, atomically:
+    a chunk file marks the batch complete). Returns the number of images."""
+    cfg, writer, renderer = _worker_state["cfg"], _worker_state["writer"], _worker_state["renderer"]
+    stop = min(start + cfg.render_batch, cfg.num_images)
+    items = [sample_item(cfg, i) for i in range(start, stop)]
+    images, masks, labels = renderer.render(items)
+    for k, it in enumerate(items):
+        writer.add_image(image_name(it.index), images[k], masks[k] if cfg.write_masks else None)
+    meta = [
+        {
+            "label": labels[k].tolist(), "shape": it.shape.tolist(), "expression": it.expression.tolist(),
+            "pose": it.pose.tolist(), "attributes": {**it.attributes, "nuisance": it.nuisance},
+            "captions": it.captions,
+        }
+        for k, it in enumerate(items)
+    ]
+    atomic_write_bytes(writer.partial / CHUNK_DIR / f"{start:06d}.json", json.dumps(meta).encode())
+    return len(items)
+
+
 def _validate(cfg: SyntheticConfig) -> None:
     checks = [
         ("num_images", cfg.num_images >= 1, ">= 1"),
         ("resolution", 8 <= cfg.resolution <= 1024, "in [8, 1024]"),
         ("render_batch", cfg.render_batch >= 1, ">= 1"),
+        ("workers", cfg.workers >= 1, ">= 1"),
         ("supersample", 1 <= cfg.supersample <= 4, "in [1, 4]"),
         ("captions_per_image", cfg.captions_per_image >= 1, ">= 1"),
         ("glasses_prob", 0 <= cfg.glasses_prob <= 1, "in [0, 1]"),
