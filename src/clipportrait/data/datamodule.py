@@ -169,8 +169,21 @@ class ConditioningSampler:
     cache, clip_embedding. Reproducible for a seed; the tables live on ``device``."""
 
     def __init__(self, dataset: PortraitDataset, seed: int = 0, device: torch.device | str = "cpu") -> None:
-        items = [dataset.metadata(i) for i in range(len(dataset))]
-        self.tables = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0] if k != "index"}
+        index, rows = dataset.index, dataset.rows
+        copies = 2 if dataset.flip else 1
+        camera = torch.from_numpy(index.labels[rows])
+        tables = {
+            "camera": torch.cat((camera, mirror_labels(camera))) if dataset.flip else camera,
+            "shape": torch.from_numpy(index.shape[rows]).repeat(copies, 1),
+            "expression": torch.from_numpy(index.expression[rows]).repeat(copies, 1),
+            "pose": torch.from_numpy(index.pose[rows]).repeat(copies, 1),
+            "flip": torch.arange(len(dataset)) >= len(rows),
+        }
+        if dataset.clip is not None:
+            clip = torch.from_numpy(dataset.clip[rows])
+            flipped = clip if dataset.clip_flipped is None else torch.from_numpy(dataset.clip_flipped[rows])
+            tables["clip_embedding"] = torch.cat((clip, flipped)) if dataset.flip else clip
+        self.tables = {k: v.to(device) for k, v in tables.items()}
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def __len__(self) -> int:

@@ -47,7 +47,7 @@ from .raster import rasterize
 # --- attribute vocabularies (name -> linear-ish RGB in [0,1]) ------------------------------------
 SKIN_TONES = {
     "pale": (0.95, 0.82, 0.74), "fair": (0.92, 0.74, 0.62), "light": (0.86, 0.66, 0.52),
-    "medium": (0.76, 0.55, 0.40), "olive": (0.70, 0.54, 0.36), "tan": (0.62, 0.44, 0.30),
+    "honey": (0.76, 0.55, 0.40), "olive": (0.70, 0.54, 0.36), "tan": (0.62, 0.44, 0.30),
     "brown": (0.46, 0.30, 0.20), "dark": (0.30, 0.19, 0.13),
 }
 HAIR_COLORS = {
@@ -387,8 +387,8 @@ class PortraitRenderer:
         mw = float(self.mouth_width)
         my, chin_y = float(self.mouth_centre[1]), float(self.chin[1])
         top = my + 0.22 * mw + 0.8 * (x.abs() - 0.35 * mw).clamp_min(0)
-        beard_zone = (y < top) & (y > chin_y - 0.2 * mw) & (z > self.ear_z + 0.02)
-        beard_zone &= (region == REGION_IDS["skin"]) | (region == REGION_IDS["neck"])
+        beard_zone = (y < top) & (y > chin_y - 0.15 * mw) & (z > self.ear_z + 0.02)
+        beard_zone &= region == REGION_IDS["skin"]
         beard = beard_zone & beard_on & ((noise > 0.12) | (y < my))
         albedo = torch.where(beard[:, None], hair * (0.75 + 0.35 * noise)[:, None], albedo)
         region[beard] = REGION_IDS["beard"]
@@ -615,13 +615,13 @@ def contact_sheet(folder: Path, names: list[str], captions: list[str], columns: 
     tiles = [Image.open(folder / n).convert("RGB") for n in names]
     cell = max(128, tiles[0].width)
     font = ImageFont.load_default()
-    text_h = 64
+    text_h = 80
     rows = (len(tiles) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * cell, rows * (cell + text_h)), "white")
     draw = ImageDraw.Draw(sheet)
     for k, (tile, caption) in enumerate(zip(tiles, captions)):
         r, c = divmod(k, columns)
         sheet.paste(tile.resize((cell, cell), Image.NEAREST), (c * cell, r * (cell + text_h)))
-        lines = textwrap.wrap(caption, width=max(10, cell // 6))[:5]
+        lines = textwrap.wrap(caption, width=max(10, cell // 6))[:6]
         draw.multiline_text((c * cell + 2, r * (cell + text_h) + cell + 1), "\n".join(lines), fill="black", font=font)
     return np.asarray(sheet)
