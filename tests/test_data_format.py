@@ -230,3 +230,15 @@ def test_header_only_check(tmp_path):
     full = {p.name for p in check_dataset(out)}
     assert quick == {"images/000001.png", "images/000003.png"}
     assert full == quick | {"images/000002.png"}
+
+
+def test_check_command_line(tmp_path, capsys):
+    """`python -m clipportrait.data.check` prints OK and exits 0 on a good dataset; on a bad one it
+    prints one line per problem naming the file and exits 1."""
+    from clipportrait.data.check import main
+
+    out, _ = _make(tmp_path)
+    assert main([str(out)]) == 0 and "OK" in capsys.readouterr().out
+    (out / "images/000001.png").unlink()
+    assert main([str(out), "--resolution", "16"]) == 1
+    assert "images/000001.png: image listed in dataset.json is missing" in capsys.readouterr().out
