@@ -9,6 +9,7 @@ import pytest
 from clipportrait.data.config import SyntheticConfig
 from clipportrait.data.format import REGION_IDS, check_dataset, read_index
 from clipportrait.data.synthetic import PortraitRenderer, default_model, generate_synthetic, sample_item
+from clipportrait.geometry.morphable import ProceduralHead
 
 
 def _cfg(**kw):
@@ -75,9 +76,12 @@ def test_killed_run_leaves_nothing_and_resumes(dataset, tmp_path, monkeypatch):
 
 
 def test_existing_dataset_with_other_config_refused(dataset):
-    """Asking for a dataset at a path that holds one made with another config is an error."""
+    """Asking for a dataset at a path that holds one made with another config or another head model
+    is an error; the same config and head reuse it."""
     with pytest.raises(FileExistsError, match="another config"):
         generate_synthetic(_cfg(glasses_prob=0.9), dataset)
+    with pytest.raises(FileExistsError, match="head model"):
+        generate_synthetic(_cfg(), dataset, model=ProceduralHead(canonical_jaw_angle=0.2))
     assert generate_synthetic(_cfg(), dataset) == dataset  # same config: reused as is
 
 

@@ -24,6 +24,7 @@ Region masks (`format.REGION_IDS`) come from the same rasterisation, so they agr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -479,10 +480,22 @@ def image_name(index: int) -> str:
 
 @lru_cache(maxsize=1)
 def default_model() -> MorphableModel:
-    """The embedded procedural head (built once per process: construction takes seconds)."""
-    from ..geometry.morphable import ProceduralHead
+    """The embedded procedural head of the default `MorphableConfig` (built once per process)."""
+    from ..geometry.morphable import MorphableConfig, build_morphable
 
-    return ProceduralHead()
+    return build_morphable(MorphableConfig())
+
+
+def model_fingerprint(model: MorphableModel) -> str:
+    """SHA-256 of the model's class, buffers and canonical mesh (the renderer's texture space):
+    which head a dataset's parameters belong to."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    with torch.no_grad():
+        canonical = {"canonical_vertices": model.canonical_vertices(1)}
+    for name, tensor in sorted({**model.state_dict(), **canonical}.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def generate_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike, model: MorphableModel | None = None) -> Path:
@@ -492,8 +505,10 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike, model: 
     Resumable: images and per-batch metadata go to ``<out>.partial`` and a rerun skips the batches
     already there; the dataset appears at ``<out>`` only when complete (`format.DatasetWriter`). An
     existing complete dataset made with the same config is returned as is; one made with another
-    config is an error. ``model`` defaults to the procedural head. ``cfg.workers`` processes render
-    batches in parallel (one thread each); the bytes do not depend on it.
+    config or head model is an error. ``model`` is the head whose parameters the dataset stores
+    (pass ``build_morphable(cfg.morphable)`` so training uses the same head; default:
+    `default_model`). ``cfg.workers`` processes render batches in parallel (one thread each); the
+    bytes do not depend on it.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -501,7 +516,10 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike, model: 
     out = Path(out_dir)
     if cfg.as_zip and out.suffix != ".zip":
         out = out.with_name(out.name + ".zip")
-    recipe = json.dumps({k: v for k, v in asdict(cfg).items() if k != "workers"}, sort_keys=True)
+    model = model if model is not None else default_model()
+    # What determines the bytes: the config (not the worker count) and the head model.
+    content = {k: v for k, v in asdict(cfg).items() if k != "workers"}
+    recipe = json.dumps({"config": content, "model": model_fingerprint(model)}, sort_keys=True)
     if out.exists():
         problems = check_dataset(out)
         from .zipfs import DatasetFiles
@@ -509,7 +527,7 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike, model: 
         files = DatasetFiles(out)
         stored = files.read_bytes(RECIPE_FILE).decode() if files.exists(RECIPE_FILE) else None
         if problems or stored != recipe:
-            why = "has problems" if problems else "was made with another config (see synthetic_config.json)"
+            why = "has problems" if problems else "was made with another config or head model (see synthetic_config.json)"
             raise FileExistsError(f"{out} exists and {why}; delete it or choose another path")
         return out
     writer = DatasetWriter(out, as_zip=cfg.as_zip)
@@ -534,7 +552,6 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike, model: 
         else:
             # fork (as DataLoader workers do) shares the built model copy-on-write; spawn elsewhere.
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            model = model if model is not None else default_model()
             context = multiprocessing.get_context(method)
             with context.Pool(min(cfg.workers, len(todo)), _init_worker, (cfg, out, model)) as pool:
                 for count in pool.imap_unordered(_render_chunk, todo):
@@ -560,14 +577,14 @@ CHUNK_DIR = "_chunks"  # per-batch metadata inside <out>.partial, removed when t
 _worker_state: dict = {}
 
 
-def _init_worker(cfg: SyntheticConfig, out: Path, model: MorphableModel | None) -> None:
+def _init_worker(cfg: SyntheticConfig, out: Path, model: MorphableModel) -> None:
     """Per-process renderer and writer. Rendering always uses one thread so that the bytes do not
     depend on the number of worker processes (float reductions differ across thread counts)."""
     torch.set_num_threads(1)
     _worker_state.update(
         cfg=cfg,
         writer=DatasetWriter(out, as_zip=cfg.as_zip),
-        renderer=PortraitRenderer(model if model is not None else default_model(), cfg.resolution, cfg.supersample),
+        renderer=PortraitRenderer(model, cfg.resolution, cfg.supersample),
     )
 
 
