@@ -16,12 +16,19 @@ motions of the mesh exactly. ``projection="closest"`` clamps to the triangle (th
 literal reading of "projection onto the triangle"; it bends the field near convex edges.
 
 Nearest-triangle search is exact: a hierarchy of per-mesh voxel grids over the mesh's bounding box
-grown by shell + blend. A cell of half-diagonal h with centre c keeps every triangle t with
-dist(c, t) <= min_t' dist(c, t') + 2h (the nearest triangle of any point in the cell satisfies this
-by the triangle inequality); each level refines the previous one, whose lists contain all of a child
-cell's candidates. Cells with min dist > shell + blend + h contain only fallback points. A query then
-tests only its cell's few candidates. Backends: pure PyTorch (any device; pairs are evaluated in
-chunks) and Triton kernels (CUDA) for the candidate loops.
+grown by reach = shell + blend. Only points within reach need their nearest triangle (beyond, the
+weight is 0 and the triangle is reported as -1). A cell of half-diagonal h with centre c keeps every
+triangle t with dist(c, t) <= min(min_t' dist(c, t') + 2h, reach + h): the nearest triangle of any point
+x of the cell satisfies the first bound by the triangle inequality, and the second if dist(x) <= reach.
+Each level refines the previous one, whose lists contain all of a child cell's candidates. A query
+then tests only its cell's few candidates.
+
+Backends. "torch": the grid as CSR lists built level by level in plain PyTorch (any device; pairs
+evaluated in chunks), eq. 5 in PyTorch. "triton" (CUDA; also under TRITON_INTERPRET=1 on CPU): the grid
+with a fixed number of slots per cell, one kernel per level and no host synchronisation (a cell with
+more candidates than slots keeps its parent's list, a superset, so it stays exact), and one fused
+kernel per call doing the search, eq. 5, the blend weight and the fallback; its backward evaluates
+eq. 5 in PyTorch on the saved triangle choice (gradients w.r.t. points, vertices and fallback).
 """
 
 from __future__ import annotations
@@ -69,7 +76,7 @@ class DeformationInfo:
     """Per-point diagnostics of a deformation call (all (B,N) except barycentrics (B,N,3))."""
 
     distance: Tensor  # unsigned distance to the observation mesh (inf where beyond shell + blend)
-    triangle: Tensor  # nearest triangle index, -1 where beyond shell + blend
+    triangle: Tensor  # nearest triangle index, -1 where beyond shell + blend (there the weight is 0)
     barycentrics: Tensor  # (u, v, w) used in eq. 5
     offset: Tensor  # signed offset along the observation normal
     weight: Tensor  # 1 = surface field, 0 = rigid fallback
@@ -249,7 +256,7 @@ class _TorchSearch:
 
     def select(self, queries: Tensor, starts: Tensor, counts: Tensor, cand: Tensor, tris: Tensor,
                slack: Tensor, limit: Tensor) -> tuple[Tensor, Tensor]:
-        """Per query keep candidates with dist <= min dist + slack, none if min dist > limit.
+        """Per query keep candidates with dist <= min(min dist + slack, limit).
 
         Returns (new counts, new candidate list in query order)."""
         new_counts = torch.zeros_like(counts)
@@ -261,7 +268,7 @@ class _TorchSearch:
             dist = _point_triangle_dist2(queries[q0:q1][query], tris[tri]).sqrt()
             seg_min = torch.full((q1 - q0,), float("inf"), device=dist.device, dtype=dist.dtype)
             seg_min = seg_min.scatter_reduce(0, query, dist, reduce="amin")
-            keep = (dist <= seg_min[query] + slack[q0:q1][query]) & (seg_min[query] <= limit[q0:q1][query])
+            keep = dist <= torch.minimum(seg_min[query] + slack[q0:q1][query], limit[q0:q1][query])
             new_counts[q0:q1] = torch.bincount(query[keep], minlength=q1 - q0)
             kept.append(tri[keep])
         tris_out = torch.cat(kept) if kept else cand.new_zeros(0)
@@ -343,8 +350,8 @@ if triton is not None:
     def _refine_kernel(pool_ptr, tri_ptr, lo_ptr, size_ptr, pstart_ptr, pcount_ptr, start_ptr, count_ptr,
                        base, n_cells, res, parent_res, reach, CAP: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_T: tl.constexpr):
-        """One grid level: each cell keeps its parent's candidates t with dist(centre, t) <= dmin + 2h
-        (none if dmin > reach + h), written to its CAP slots in the parent's order; a cell with more
+        """One grid level: each cell keeps its parent's candidates t with dist(centre, t) <=
+        min(dmin + 2h, reach + h), written to its CAP slots in the parent's order; a cell with more
         than CAP such candidates keeps its parent's list (a superset), so the grid stays exact."""
         cells = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = cells < n_cells
@@ -383,7 +390,8 @@ if triton is not None:
             s += BLOCK_T
         dmin = tl.sqrt(best)
         slack = 2 * half_diag + tol
-        thresh2 = tl.where(dmin <= reach + half_diag + tol, (dmin + slack) * (dmin + slack), -1.0)
+        thresh = tl.minimum(dmin + slack, reach + half_diag + tol)
+        thresh2 = tl.where(dmin <= reach + half_diag + tol, thresh * thresh, -1.0)
         own = base + cells.to(tl.int64) * CAP
         written = tl.zeros([BLOCK_C], tl.int32)
         s = 0
@@ -406,7 +414,7 @@ if triton is not None:
 
     @triton.jit
     def _deform_kernel(pts_ptr, out_ptr, idx_ptr, obs_ptr, can_ptr, fb_ptr, lo_ptr, size_ptr, start_ptr, count_ptr,
-                       pool_ptr, total, n_per, num_faces, canon_batched, res, shell, blend,
+                       pool_ptr, total, n_per, num_faces, canon_batched, res, shell, blend, reach2,
                        MAP: tl.constexpr, PLANE: tl.constexpr, HAS_FALLBACK: tl.constexpr, HARD_BLEND: tl.constexpr,
                        BLOCK: tl.constexpr):
         """Per point: exact nearest triangle over its grid cell's candidates, then (MAP) eq. 5 on that
@@ -442,7 +450,7 @@ if triton is not None:
             best = tl.where(better, d2, best)
             best_t = tl.where(better, t, best_t)
             k += 1
-        found = best_t >= 0
+        found = (best_t >= 0) & (best <= reach2)
         local = tl.where(found, best_t - (b * num_faces).to(tl.int32), -1)
         tl.store(idx_ptr + offs, local, mask=m)
         if MAP:
@@ -582,6 +590,12 @@ def level_capacities(levels: list[int], capacity: int, num_faces: int) -> list[i
     return [min(num_faces, capacity * (levels[-1] // res) ** 2) for res in levels]
 
 
+def _refine_launch(n_cells: int) -> tuple[int, int]:
+    """(cells, candidate slots) per program of _refine_kernel: with few cells (coarse levels, small
+    batches) one cell per program and wide candidate chunks keep the serial loop short."""
+    return (16, 32) if n_cells >= 16 * 512 else (1, 256)
+
+
 def build_fixed_grid(tris: Tensor, reach: float, levels: list[int], capacity: int) -> FixedGrid:
     """Exact fixed-capacity candidate grid for float32 triangles ``tris`` (B,F,3,3): one kernel per level."""
     batch, num_faces = tris.shape[:2]
@@ -600,11 +614,15 @@ def build_fixed_grid(tris: Tensor, reach: float, levels: list[int], capacity: in
         n_cells = batch * res**3
         new_starts = torch.empty(n_cells, device=device, dtype=torch.int64)
         new_counts = torch.empty(n_cells, device=device, dtype=torch.int32)
-        _refine_kernel[(triton.cdiv(n_cells, 16),)](pool, flat, lo, size, starts, counts, new_starts, new_counts,
-                                                    base, n_cells, res, parent_res, float(reach), CAP=cap,
-                                                    BLOCK_C=16, BLOCK_T=32)
+        block_c, block_t = _refine_launch(n_cells)
+        _refine_kernel[(triton.cdiv(n_cells, block_c),)](pool, flat, lo, size, starts, counts, new_starts, new_counts,
+                                                         base, n_cells, res, parent_res, float(reach), CAP=cap,
+                                                         BLOCK_C=block_c, BLOCK_T=block_t)
         starts, counts, base, parent_res = new_starts, new_counts, base + n_cells * cap, res
     return FixedGrid(parent_res, lo, size, starts, counts, pool)
+
+
+_QUERY_LAUNCH = (32, 1)  # points per program, warps: a program loops to its points' largest candidate count
 
 
 def triton_deform(points: Tensor, obs_tris: Tensor, canon_tris: Tensor, fallback: Tensor | None,
@@ -624,12 +642,13 @@ def triton_deform(points: Tensor, obs_tris: Tensor, canon_tris: Tensor, fallback
     fb = fallback.float().contiguous() if fallback is not None else pts
     total = batch * n
     if total:
-        block = 128
+        block, warps = _QUERY_LAUNCH
         _deform_kernel[(triton.cdiv(total, block),)](
             pts, out, idx, obs, can, fb, grid.lo, grid.size, grid.starts, grid.counts, grid.pool, total, n,
             num_faces, int(canon_tris.shape[0] > 1), grid.res, float(cfg.shell), float(cfg.blend),
+            float(cfg.shell + cfg.blend) ** 2,
             MAP=map_points, PLANE=cfg.projection == "plane", HAS_FALLBACK=fallback is not None,
-            HARD_BLEND=cfg.blend == 0, BLOCK=block)
+            HARD_BLEND=cfg.blend == 0, BLOCK=block, num_warps=warps)
     return (out if map_points else None), idx
 
 
@@ -781,5 +800,6 @@ class SurfaceFieldDeformation(torch.nn.Module):
             search = _TorchSearch(cfg.pair_chunk)
             tris_det = obs_verts.detach().float()[:, self.faces]
             grid = build_candidate_grid(tris_det, cfg.shell + cfg.blend, list(cfg.grid_levels), search)
-            tri_idx, _ = grid_nearest(points.detach().float(), grid, tris_det, search)
+            tri_idx, d2 = grid_nearest(points.detach().float(), grid, tris_det, search)
+            tri_idx = torch.where(d2 <= (cfg.shell + cfg.blend) ** 2, tri_idx, -1)  # weight 0 beyond reach
         return map_from_triangles(points, obs_verts, canon_verts, self.faces, fallback, tri_idx, cfg, return_info)
