@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from clipportrait.data.config import SyntheticConfig
 from clipportrait.data.format import REGION_IDS, check_dataset, read_index
@@ -141,3 +142,20 @@ def test_attribute_json_records_ground_truth(dataset):
     assert stored["captions"] == spec.captions
     assert stored["attributes"]["nuisance"] == spec.nuisance
     assert {k: v for k, v in stored["attributes"].items() if k != "nuisance"} == spec.attributes
+
+
+def test_large_batches_split_by_pixel_budget(monkeypatch):
+    """A batch above the raster pixel budget is rendered in groups: bit-identical to rendering each
+    group as its own batch, in the original order."""
+    import clipportrait.data.synthetic as synthetic
+
+    renderer = PortraitRenderer(default_model(), 16, 1)
+    items = [sample_item(_cfg(resolution=16), i) for i in range(5)]
+    monkeypatch.setattr(synthetic, "MAX_RASTER_PIXELS", 2 * 16 * 16)
+    images, masks, labels = renderer.render(items)
+    assert images.shape == (5, 16, 16, 3) and masks.shape == (5, 16, 16) and labels.shape == (5, 25)
+    monkeypatch.setattr(synthetic, "MAX_RASTER_PIXELS", 2**22)
+    alone = [renderer.render(items[i : i + 2]) for i in (0, 2, 4)]
+    assert np.array_equal(images, np.concatenate([a[0] for a in alone]))
+    assert np.array_equal(masks, np.concatenate([a[1] for a in alone]))
+    assert torch.equal(labels, torch.cat([a[2] for a in alone]))
