@@ -238,11 +238,7 @@ class PortraitRenderer:
         self.canonical = canonical[0]
         faces = model.faces
         regions = model.vertex_regions
-        # Face region: the label shared by at least two corners, else the first corner's.
-        r = regions[faces]
-        face_region = torch.where(r[:, 1] == r[:, 2], r[:, 1], r[:, 0])
         lut = torch.tensor([REGION_IDS[MODEL_REGION_TO_MASK.get(n, "skin")] for n in names])
-        self.head_face_mask_id = lut[face_region]
         c = self.canonical
         landmarks = model.landmarks(canonical)[0]
         eye_a, eye_b = landmarks[36:42].mean(0), landmarks[42:48].mean(0)
@@ -273,8 +269,8 @@ class PortraitRenderer:
         head_faces = faces if signed_volume > 0 else faces[:, [0, 2, 1]]
         self.faces_all = torch.cat((head_faces, self.hair_faces + len(c)))
         self.cullable = torch.cat((torch.ones(len(faces), dtype=torch.bool), torch.zeros(len(self.hair_faces), dtype=torch.bool)))
-        self.face_mask_id = torch.cat(
-            (self.head_face_mask_id, torch.full((len(self.hair_faces),), REGION_IDS["hair"], dtype=torch.long))
+        self.vertex_mask_id = torch.cat(
+            (lut[regions], torch.full((len(hair_ids),), REGION_IDS["hair"], dtype=torch.long))
         )
 
     def labels(self, items: list[ItemSpec]) -> torch.Tensor:
@@ -316,7 +312,12 @@ class PortraitRenderer:
         canonical = (self.canonical[hair_base[corner_ids]] * weights[..., None]).sum(1)
         all_normals = torch.cat((normals, normals[:, self.hair_vertex_ids]), 1)
         normal = F.normalize((all_normals[b[:, None], corner_ids] * weights[..., None]).sum(1), dim=-1)
-        region = self.face_mask_id[face].clone()
+        # Region per pixel: the corner label with the largest summed barycentric weight, so region
+        # borders cut through triangles smoothly instead of following the mesh's staircase of faces.
+        corner_region = self.vertex_mask_id[corner_ids]  # (P,3)
+        same = corner_region[:, :, None] == corner_region[:, None, :]
+        support = (same * weights[:, None, :]).sum(-1)  # (P,3): weight of each corner's label
+        region = corner_region.gather(1, support.argmax(1, keepdim=True))[:, 0]
         albedo = self._albedo(items, b, canonical, region, face)
         light = torch.from_numpy(np.stack([it.light for it in items]))[b]
         lambert = (normal * light[:, :3]).sum(-1).clamp_min(0)
