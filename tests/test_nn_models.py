@@ -264,3 +264,19 @@ def test_configs_are_structured_and_validated():
         preset("tiny", not_a_field=1)
     with pytest.raises(ValueError, match="preset"):
         preset("eg3d_1024")
+
+
+def test_render_and_discriminator_trace_as_single_graphs():
+    """torch.compile(fullgraph=True) traces mapping + render (with importance sampling) and D
+    without graph breaks: no data-dependent Python control flow or host syncs in the hot paths."""
+    g_cfg, d_cfg = preset("tiny", neural_rendering_resolution=8, depth_samples=4, importance_samples=4)
+    torch.manual_seed(0)
+    G, D = build_generator(g_cfg).eval(), build_discriminator(d_cfg, g_cfg)
+    origins, dirs = ray_bundle(_labels(2), 8)
+    z = torch.randn(2, g_cfg.z_dim)
+    render = torch.compile(lambda z, o, d: G.render(G.mapping(z), o, d, perturb=True)["image"],
+                           backend="eager", fullgraph=True)
+    image = render(z, origins, dirs)
+    assert image.shape == (2, 3, 64, 64)
+    disc = torch.compile(D, backend="eager", fullgraph=True)
+    assert disc(image, torch.randn(2, 3, 8, 8), torch.rand(2, 4, 64, 64), _labels(2)).shape == (2, 1)
