@@ -54,6 +54,17 @@ class MappingNetwork(nn.Module):
         truncation_cutoff: int | None = None,
         update_emas: bool = False,
     ) -> torch.Tensor:
+        source = z if z is not None else c
+        if source is None:
+            raise ValueError("z, c: the mapping needs at least one of them")
+        # A small MLP: kept in float32 under autocast so w (and its truncation) stays precise.
+        with torch.autocast(device_type=source.device.type, enabled=False):
+            return self._forward(z, c, truncation_psi, truncation_cutoff, update_emas)
+
+    def _forward(
+        self, z: torch.Tensor | None, c: torch.Tensor | None, truncation_psi: float,
+        truncation_cutoff: int | None, update_emas: bool,
+    ) -> torch.Tensor:
         parts = []
         if self.z_dim > 0:
             if z is None or z.ndim != 2 or z.shape[1] != self.z_dim:
