@@ -217,21 +217,25 @@ import sys, torch
 sys.path.insert(0, sys.argv[1])
 from clipportrait.geometry import deformation as D
 from test_deformation import _blobby_sphere, _points_near
+# The interpreter's cost is per program and op: few, wide programs (the CUDA test covers the real ones).
+D._QUERY_LAUNCH = (256, 4)
+D._refine_launch = lambda n_cells: (64, 32)
 v, f = _blobby_sphere(1)
 tris = v[None][:, f]
 csr = D.build_candidate_grid(tris, 0.12, [2, 4], D._TorchSearch(1 << 20))
-for capacity, overflow_expected in ((512, False), (6, True)):
-    fixed = D.build_fixed_grid(tris, 0.12, [2, 4], capacity)
-    overflowed = 0
-    for cell in range(64):
-        want = csr.tris[csr.offsets[cell] : csr.offsets[cell + 1]].tolist()
-        got = fixed.pool[fixed.starts[cell] : fixed.starts[cell] + fixed.counts[cell]].tolist()
-        if len(want) <= capacity:
-            assert got == want, (capacity, cell)  # same candidates, same (ascending) order
-        else:
-            overflowed += 1
-            assert set(want) <= set(got) and len(got) > capacity, (capacity, cell)
-    assert (overflowed > 0) == overflow_expected
+capacity = 20
+fixed = D.build_fixed_grid(tris, 0.12, [2, 4], capacity)
+fitting = overflowed = 0
+for cell in range(64):
+    want = csr.tris[csr.offsets[cell] : csr.offsets[cell + 1]].tolist()
+    got = fixed.pool[fixed.starts[cell] : fixed.starts[cell] + fixed.counts[cell]].tolist()
+    if len(want) <= capacity:
+        fitting += 1
+        assert got == want, cell  # same candidates, same (ascending) order
+    else:
+        overflowed += 1
+        assert set(want) <= set(got) and len(got) > capacity, cell
+assert fitting > 0 and overflowed > 0
 canon = v * torch.tensor([1.1, 0.9, 1.0]) + 0.02
 pts = _points_near(v, 150, 0.06, 1)[None]
 shift = torch.eye(4)

@@ -592,8 +592,11 @@ def level_capacities(levels: list[int], capacity: int, num_faces: int) -> list[i
 
 def _refine_launch(n_cells: int) -> tuple[int, int]:
     """(cells, candidate slots) per program of _refine_kernel: with few cells (coarse levels, small
-    batches) one cell per program and wide candidate chunks keep the serial loop short."""
-    return (16, 32) if n_cells >= 16 * 512 else (1, 256)
+    batches) one cell per program and wide candidate chunks keep the serial loop short; the others
+    were picked by timing on an H100 (benchmarks/bench_geometry.py sizes)."""
+    if n_cells < 8192:
+        return 1, 256
+    return (16, 32) if n_cells < 65536 else (4, 64)
 
 
 def build_fixed_grid(tris: Tensor, reach: float, levels: list[int], capacity: int) -> FixedGrid:
