@@ -65,8 +65,7 @@ def sample_points(labels: torch.Tensor, res: int, samples: int) -> torch.Tensor:
 def main() -> None:
     parser = common_args(__doc__)
     parser.add_argument("--batches", type=int, nargs="+", default=None)
-    parser.add_argument("--grids", type=str, nargs="+", default=["4,8,16,32:256", "4,8,16,32:128", "8,16,32:256",
-                                                                 "4,8,16,32,64:64"],
+    parser.add_argument("--grids", type=str, nargs="+", default=["4,8,16,32:256", "4,8,16,32:128", "8,16,32:256"],
                         help="candidate grids to time: comma-separated resolutions, ':', finest-cell capacity")
     args = parser.parse_args()
     device = torch.device(args.device)

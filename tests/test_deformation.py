@@ -241,7 +241,8 @@ pts = _points_near(v, 150, 0.06, 1)[None]
 shift = torch.eye(4)
 shift[:3, 3] = torch.tensor([0.01, -0.02, 0.03])
 tris64 = v.double()[f]
-for projection, capacity, fallback in (("plane", 512, None), ("closest", 6, shift[None])):
+# plane + points-only gradient: the Triton backward kernel; closest: the PyTorch backward.
+for projection, capacity, fallback in (("plane", 512, shift[None]), ("closest", 6, None)):
     kw = dict(shell=0.08, blend=0.04, grid_levels=[2, 4], projection=projection)
     torch_mod = D.SurfaceFieldDeformation(f, D.DeformationConfig(backend="torch", **kw))
     fused_mod = D.SurfaceFieldDeformation(f, D.DeformationConfig(backend="triton", grid_capacity=capacity, **kw))
@@ -260,7 +261,7 @@ for projection, capacity, fallback in (("plane", 512, None), ("closest", 6, shif
     assert same.float().mean() > 0.9
     assert torch.allclose(out_k[same], out_t[same], atol=1e-5)
     assert torch.equal(out_k[idx < 0], out_t[idx < 0])
-    # Backward of the fused path (PyTorch eq. 5 on the kernel's triangles) equals the torch path's.
+    # Backward of the fused path (on the kernel's triangles) equals the torch path's.
     weights = torch.randn(out_t.shape, generator=torch.Generator().manual_seed(2))
     (g_t,) = torch.autograd.grad((out_t * weights).sum(), p_t)
     (g_k,) = torch.autograd.grad((out_k * weights).sum(), p_k)
@@ -274,7 +275,8 @@ def test_triton_kernels_match_torch_search_in_interpreter():
     PyTorch grid's candidates in each cell that fits its capacity and a superset in each that
     overflows; the fused search + eq. 5 kernel picks triangles at the same distance as the PyTorch
     path (indices equal up to exact ties), maps points identically (1e-5, both projections, with and
-    without a fallback, with and without overflow) and its backward gives the PyTorch path's gradients."""
+    without a fallback, with and without overflow) and its backward (the Triton points-gradient kernel
+    for the plane projection, PyTorch for 'closest') gives the PyTorch path's gradients."""
     import os
     import subprocess
     import sys

@@ -517,6 +517,112 @@ if triton is not None:
             tl.store(out_ptr + offs * 3 + 1, oy, mask=m)
             tl.store(out_ptr + offs * 3 + 2, oz, mask=m)
 
+    @triton.jit
+    def _deform_backward_kernel(pts_ptr, grad_ptr, gin_ptr, idx_ptr, obs_ptr, can_ptr, fb_ptr, total, n_per,
+                                num_faces, canon_batched, shell, blend, HAS_FALLBACK: tl.constexpr,
+                                HARD_BLEND: tl.constexpr, BLOCK: tl.constexpr):
+        """Gradient w.r.t. the points of the fused forward (plane projection) on its saved triangles:
+        w J^T g + (1 - w) R^T g + <mapped - rigid, g> grad w, with J the Jacobian of eq. 5."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < total
+        b = offs // n_per
+        px = tl.load(pts_ptr + offs * 3 + 0, mask=m, other=0.0)
+        py = tl.load(pts_ptr + offs * 3 + 1, mask=m, other=0.0)
+        pz = tl.load(pts_ptr + offs * 3 + 2, mask=m, other=0.0)
+        gx = tl.load(grad_ptr + offs * 3 + 0, mask=m, other=0.0)
+        gy = tl.load(grad_ptr + offs * 3 + 1, mask=m, other=0.0)
+        gz = tl.load(grad_ptr + offs * 3 + 2, mask=m, other=0.0)
+        local = tl.load(idx_ptr + offs, mask=m, other=-1)
+        found = local >= 0
+        if HAS_FALLBACK:
+            fb = fb_ptr + b * 16
+            r00 = tl.load(fb + 0, mask=m, other=0.0)
+            r01 = tl.load(fb + 1, mask=m, other=0.0)
+            r02 = tl.load(fb + 2, mask=m, other=0.0)
+            r10 = tl.load(fb + 4, mask=m, other=0.0)
+            r11 = tl.load(fb + 5, mask=m, other=0.0)
+            r12 = tl.load(fb + 6, mask=m, other=0.0)
+            r20 = tl.load(fb + 8, mask=m, other=0.0)
+            r21 = tl.load(fb + 9, mask=m, other=0.0)
+            r22 = tl.load(fb + 10, mask=m, other=0.0)
+            hx = r00 * px + r01 * py + r02 * pz + tl.load(fb + 3, mask=m, other=0.0)
+            hy = r10 * px + r11 * py + r12 * pz + tl.load(fb + 7, mask=m, other=0.0)
+            hz = r20 * px + r21 * py + r22 * pz + tl.load(fb + 11, mask=m, other=0.0)
+            rgx = r00 * gx + r10 * gy + r20 * gz
+            rgy = r01 * gx + r11 * gy + r21 * gz
+            rgz = r02 * gx + r12 * gy + r22 * gz
+        else:
+            hx, hy, hz = px, py, pz
+            rgx, rgy, rgz = gx, gy, gz
+        t = tl.where(found, local + (b * num_faces).to(tl.int32), 0)
+        ax, ay, az = _load_corner(obs_ptr, t, 0, found)
+        bx, by, bz = _load_corner(obs_ptr, t, 1, found)
+        cx, cy, cz = _load_corner(obs_ptr, t, 2, found)
+        tc = tl.where(found, local, 0) + (b * canon_batched * num_faces).to(tl.int32)
+        qax, qay, qaz = _load_corner(can_ptr, tc, 0, found)
+        qbx, qby, qbz = _load_corner(can_ptr, tc, 1, found)
+        qcx, qcy, qcz = _load_corner(can_ptr, tc, 2, found)
+        abx, aby, abz = bx - ax, by - ay, bz - az
+        acx, acy, acz = cx - ax, cy - ay, cz - az
+        apx, apy, apz = px - ax, py - ay, pz - az
+        bb = abx * abx + aby * aby + abz * abz
+        bc = abx * acx + aby * acy + abz * acz
+        cc = acx * acx + acy * acy + acz * acz
+        det = bb * cc - bc * bc
+        det = tl.where(det == 0, 1.0, det)
+        e1 = abx * apx + aby * apy + abz * apz
+        e2 = acx * apx + acy * apy + acz * apz
+        v = (cc * e1 - bc * e2) / det
+        w = (bb * e2 - bc * e1) / det
+        # Gradients of the plane barycentrics v, w.
+        dvx, dvy, dvz = (cc * abx - bc * acx) / det, (cc * aby - bc * acy) / det, (cc * abz - bc * acz) / det
+        dwx, dwy, dwz = (bb * acx - bc * abx) / det, (bb * acy - bc * aby) / det, (bb * acz - bc * abz) / det
+        nx = aby * acz - abz * acy
+        ny = abz * acx - abx * acz
+        nz = abx * acy - aby * acx
+        inv = 1.0 / tl.maximum(tl.sqrt(nx * nx + ny * ny + nz * nz), 1e-20)
+        nx, ny, nz = nx * inv, ny * inv, nz * inv
+        kbx, kby, kbz = qbx - qax, qby - qay, qbz - qaz
+        kcx, kcy, kcz = qcx - qax, qcy - qay, qcz - qaz
+        mx = kby * kcz - kbz * kcy
+        my = kbz * kcx - kbx * kcz
+        mz = kbx * kcy - kby * kcx
+        inv = 1.0 / tl.maximum(tl.sqrt(mx * mx + my * my + mz * mz), 1e-20)
+        mx, my, mz = mx * inv, my * inv, mz * inv
+        offset = (apx - v * abx - w * acx) * nx + (apy - v * aby - w * acy) * ny + (apz - v * abz - w * acz) * nz
+        abn = abx * nx + aby * ny + abz * nz
+        acn = acx * nx + acy * ny + acz * nz
+        ox, oy, oz = nx - dvx * abn - dwx * acn, ny - dvy * abn - dwy * acn, nz - dvz * abn - dwz * acn
+        mapx = qax + v * kbx + w * kcx + offset * mx
+        mapy = qay + v * kby + w * kcy + offset * my
+        mapz = qaz + v * kbz + w * kcz + offset * mz
+        kv = kbx * gx + kby * gy + kbz * gz
+        kw = kcx * gx + kcy * gy + kcz * gz
+        km = mx * gx + my * gy + mz * gz
+        jx = dvx * kv + dwx * kw + ox * km
+        jy = dvy * kv + dwy * kw + oy * km
+        jz = dvz * kv + dwz * kw + oz * km
+        # Blend weight and its gradient: smoothstep of the distance to the closest point.
+        cv, cw = _closest_vw(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz)
+        dx = apx - cv * abx - cw * acx
+        dy = apy - cv * aby - cw * acy
+        dz = apz - cv * abz - cw * acz
+        dist = tl.sqrt(dx * dx + dy * dy + dz * dz)
+        if HARD_BLEND:
+            weight = tl.where(dist <= shell, 1.0, 0.0)
+            slope = tl.zeros_like(dist)
+        else:
+            tb = tl.minimum(tl.maximum((dist - shell) / blend, 0.0), 1.0)
+            weight = 1 - tb * tb * (3 - 2 * tb)
+            slope = -6 * tb * (1 - tb) / blend
+        slope = slope / tl.where(dist > 0, dist, 1.0) * ((mapx - hx) * gx + (mapy - hy) * gy + (mapz - hz) * gz)
+        outx = tl.where(found, weight * jx + (1 - weight) * rgx + slope * dx, rgx)
+        outy = tl.where(found, weight * jy + (1 - weight) * rgy + slope * dy, rgy)
+        outz = tl.where(found, weight * jz + (1 - weight) * rgz + slope * dz, rgz)
+        tl.store(gin_ptr + offs * 3 + 0, outx, mask=m)
+        tl.store(gin_ptr + offs * 3 + 1, outy, mask=m)
+        tl.store(gin_ptr + offs * 3 + 2, outz, mask=m)
+
 def _grid_box(tris: Tensor, reach: float) -> tuple[Tensor, Tensor]:
     """Corner (B,3) and size (B,3) of the meshes' bounding boxes grown by ``reach`` (and a margin that
     keeps every point within ``reach`` of a mesh strictly inside its box)."""
@@ -709,9 +815,27 @@ def map_from_triangles(points: Tensor, obs_verts: Tensor, canon_verts: Tensor, f
     return out, info
 
 
+def _points_grad_triton(points: Tensor, obs_tris: Tensor, canon_tris: Tensor, fallback: Tensor | None,
+                        idx: Tensor, grad_out: Tensor, cfg: DeformationConfig) -> Tensor:
+    """Gradient w.r.t. the points of the fused forward (plane projection), one Triton kernel."""
+    batch, n = points.shape[:2]
+    pts = points.detach().float().contiguous()
+    grad_in = torch.empty_like(pts)
+    total = batch * n
+    if total:
+        block, warps = 128, 4
+        _deform_backward_kernel[(triton.cdiv(total, block),)](
+            pts, grad_out.float().contiguous(), grad_in, idx, obs_tris.detach().float().contiguous(),
+            canon_tris.detach().float().contiguous(), pts if fallback is None else fallback.detach().float().contiguous(),
+            total, n, obs_tris.shape[1], int(canon_tris.shape[0] > 1), float(cfg.shell), float(cfg.blend),
+            HAS_FALLBACK=fallback is not None, HARD_BLEND=cfg.blend == 0, BLOCK=block, num_warps=warps)
+    return grad_in.to(points.dtype)
+
+
 class _FusedDeformation(torch.autograd.Function):
-    """Forward: the fused Triton kernel. Backward: eq. 5 in PyTorch on the saved triangle choice
-    (the same function as the PyTorch path, so the gradients are those of that path)."""
+    """Forward: the fused Triton kernel. Backward on the saved triangle choice: a Triton kernel for
+    the points alone with the plane projection (what training needs), else eq. 5 in PyTorch (the
+    PyTorch path's function, so the gradients are that path's)."""
 
     @staticmethod
     def forward(ctx, points, obs_verts, canon_verts, fallback, faces, cfg):
@@ -726,6 +850,9 @@ class _FusedDeformation(torch.autograd.Function):
         points, obs_verts, canon_verts, fallback, faces, idx = ctx.saved_tensors
         inputs = [points, obs_verts, canon_verts, fallback]
         needs = [t is not None and need for t, need in zip(inputs, ctx.needs_input_grad[:4])]
+        if needs == [True, False, False, False] and ctx.cfg.projection == "plane":
+            return (_points_grad_triton(points, obs_verts[:, faces], canon_verts[:, faces], fallback, idx,
+                                        grad_out, ctx.cfg), None, None, None, None, None)
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
             out = map_from_triangles(*leaves[:3], faces, leaves[3], idx.long(), ctx.cfg)
