@@ -234,6 +234,9 @@ class PortraitRenderer:
         self.resolution = resolution
         self.supersample = supersample
         names = list(model.region_names)
+        missing = sorted({"scalp", "ears"} - set(names))
+        if missing:
+            raise ValueError(f"{type(model).__name__}: vertex regions {missing} needed for hair placement are missing")
         canonical = model.canonical_vertices(1)  # (1,V,3)
         self.canonical = canonical[0]
         faces = model.faces
