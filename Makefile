@@ -36,7 +36,7 @@ $(STAMP): requirements.txt pyproject.toml src/clipportrait/assets/sources.py
 	touch $@
 
 demo: install
-	$(VPY) run.py task=demo
+	$(VPY) run.py experiment=demo
 
 test: install
 	$(VPY) -m pytest -q -n 2 --dist loadgroup --timeout 900 tests

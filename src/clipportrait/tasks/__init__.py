@@ -12,6 +12,9 @@ from types import ModuleType
 
 # task name -> module; the order is the order shown by `python run.py --help`.
 TASKS: dict[str, str] = {
+    "demo": "clipportrait.tasks.demo",
+    "make_synthetic": "clipportrait.tasks.make_synthetic",
+    "check_data": "clipportrait.tasks.check_data",
     "info": "clipportrait.tasks.info",
 }
 
