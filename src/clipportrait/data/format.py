@@ -395,9 +395,6 @@ class DatasetWriter:
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.partial.mkdir(parents=True, exist_ok=True)
 
-    def has(self, relpath: str) -> bool:
-        return (self.partial / relpath).is_file()
-
     def write_file(self, relpath: str, data: bytes) -> None:
         atomic_write_bytes(self.partial / relpath, data)
 
