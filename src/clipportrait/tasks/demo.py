@@ -90,7 +90,9 @@ class Demo:
     def _morphable(self):
         from ..geometry.morphable import build_morphable
 
-        return build_morphable(self.cfg.morphable)
+        if not hasattr(self, "_model"):
+            self._model = build_morphable(self.cfg.morphable)
+        return self._model
 
     @property
     def dataset_path(self) -> str:
@@ -120,7 +122,7 @@ class Demo:
         from ..data.synthetic import generate_synthetic
         from .make_synthetic import dataset_bytes
 
-        path = generate_synthetic(self.cfg.data.synthetic, self.cfg.data.path)
+        path = generate_synthetic(self.cfg.data.synthetic, self.cfg.data.path, model=self._morphable())
         sheet = Path(path) / "contact_sheet.png"
         if sheet.exists():
             (folder / "contact_sheet.png").write_bytes(sheet.read_bytes())

@@ -28,10 +28,12 @@ def run(cfg, ctx: RunContext) -> dict:
     import time
 
     from ..data.synthetic import generate_synthetic
+    from ..geometry.morphable import build_morphable
     from ..utils.console import console
 
     start = time.time()
-    out = generate_synthetic(cfg.data.synthetic, cfg.task.out)
+    # The configured head, so the stored parameters belong to the model that training will use.
+    out = generate_synthetic(cfg.data.synthetic, cfg.task.out, model=build_morphable(cfg.morphable))
     seconds = time.time() - start
     size = dataset_bytes(out)
     console.print(f"dataset: {out} ({cfg.data.synthetic.num_images} images at "
