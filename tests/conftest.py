@@ -30,3 +30,28 @@ def run_cli(tmp_path):
                               capture_output=True, text=True, timeout=timeout)
 
     return _run
+
+
+def block_network(mp: pytest.MonkeyPatch) -> None:
+    """Make any socket connection or subprocess (pip) attempt fail loudly: offline tests."""
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("network access attempted in an offline test")
+
+    import socket
+    import subprocess
+
+    mp.setattr(socket.socket, "connect", refuse)
+    mp.setattr(socket, "create_connection", refuse)
+    mp.setattr(subprocess, "run", refuse)
+    mp.setattr(subprocess, "Popen", refuse)
+
+
+@pytest.fixture(scope="module")
+def offline_cache(tmp_path_factory):
+    """A fresh asset cache, with sockets and subprocess (pip) blocked for the whole module."""
+    with pytest.MonkeyPatch.context() as mp:
+        cache = tmp_path_factory.mktemp("asset-cache")
+        mp.setenv("CLIPPORTRAIT_CACHE", str(cache))
+        block_network(mp)
+        yield cache

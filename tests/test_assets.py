@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import socket
-import subprocess
 
 import numpy as np
 import pytest
@@ -24,20 +22,14 @@ from clipportrait.assets import (
 )
 from clipportrait.assets.__main__ import main as assets_cli
 from clipportrait.assets.cache import ensure_cached
-
-
-def _refuse_network(*args, **kwargs):
-    raise RuntimeError("network access attempted in an offline test")
+from conftest import block_network
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
     """Every test: its own empty cache, and sockets / subprocess (pip) blocked."""
     monkeypatch.setenv("CLIPPORTRAIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(socket.socket, "connect", _refuse_network)
-    monkeypatch.setattr(socket, "create_connection", _refuse_network)
-    monkeypatch.setattr(subprocess, "run", _refuse_network)
-    monkeypatch.setattr(subprocess, "Popen", _refuse_network)
+    block_network(monkeypatch)
 
 
 def _flip_byte(path, offset: int = 4096) -> None:

