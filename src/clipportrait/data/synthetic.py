@@ -43,7 +43,7 @@ from ..geometry.cameras import intrinsics, lookat_cam2world, make_labels
 from ..geometry.morphable import MorphableModel
 from .config import SyntheticConfig
 from .format import REGION_IDS, DatasetWriter, atomic_write_bytes, check_dataset, encode_png
-from .raster import rasterize
+from ..geometry.raster import rasterize
 
 # --- attribute vocabularies (name -> linear-ish RGB in [0,1]) ------------------------------------
 SKIN_TONES = {

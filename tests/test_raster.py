@@ -6,7 +6,7 @@ from pytorch3d.renderer import MeshRasterizer, RasterizationSettings
 from pytorch3d.structures import Meshes
 from pytorch3d.utils import ico_sphere
 
-from clipportrait.data.raster import rasterize
+from clipportrait.geometry.raster import rasterize
 from clipportrait.geometry.cameras import sample_ffhq_like, to_pytorch3d_cameras
 
 

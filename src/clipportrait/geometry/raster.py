@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..geometry.cameras import project_points
+from .cameras import project_points
 
 
 def rasterize(
