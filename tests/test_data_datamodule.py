@@ -1,5 +1,6 @@
 """PortraitDataset / ConditioningSampler / PortraitDataModule: batches, flips, zip workers, bad data."""
 
+import itertools
 import logging
 import shutil
 from types import SimpleNamespace
@@ -9,13 +10,14 @@ import pytest
 import torch
 from pytorch3d.renderer import MeshRasterizer, RasterizationSettings
 from pytorch3d.structures import Meshes
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from clipportrait.data.config import DataConfig, SyntheticConfig
 from clipportrait.data.datamodule import (
     ConditioningSampler, PortraitDataModule, PortraitDataset, observation_vertices,
 )
 from clipportrait.data.format import DatasetError, read_index
+from clipportrait.data.sampler import ResumableSampler
 from clipportrait.data.synthetic import default_model
 from clipportrait.geometry.cameras import mirror_labels, to_pytorch3d_cameras
 
@@ -130,7 +132,7 @@ def test_zip_with_two_workers_matches_single_process(zipped):
                                            num_workers=workers, seed=5))
         dm.prepare_data()
         dm.setup("fit")
-        return list(dm.train_dataloader())
+        return list(itertools.islice(dm.train_dataloader(), 2 * N // 4))  # the stream is endless: one epoch
 
     single, multi = epoch(0), epoch(2)
     assert len(single) == len(multi) == 2 * N // 4
@@ -142,21 +144,33 @@ def test_zip_with_two_workers_matches_single_process(zipped):
 
 
 def test_distributed_sampler_shards(folder):
-    """With a 2-process trainer the loader uses a seeded DistributedSampler whose shards are disjoint
-    and together cover the dataset; set_epoch changes the order."""
-    shards = []
+    """With a 2-process trainer each rank streams a seeded shard: per epoch the shards are disjoint
+    and together cover the dataset; the next epoch is another order."""
+    shards, seconds = [], []
     for rank in range(2):
         dm = PortraitDataModule(DataConfig(kind="folder", path=str(folder), resolution=RES, batch_size=2,
                                            num_workers=0, seed=7))
         dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
         dm.setup("fit")
         sampler = dm.train_dataloader().sampler
-        assert isinstance(sampler, DistributedSampler) and sampler.seed == 7
-        first = list(sampler)
-        sampler.set_epoch(1)
-        assert list(sampler) != first
+        assert isinstance(sampler, ResumableSampler) and sampler.seed == 7
+        stream = list(itertools.islice(iter(sampler), 2 * N))  # two epochs of N items per rank
+        first, second = stream[:N], stream[N:]
+        assert second != first
         shards.append(set(first))
-    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 2 * N
+        seconds.append(set(second))
+    for epoch in (shards, seconds):
+        assert not epoch[0] & epoch[1] and len(epoch[0] | epoch[1]) == 2 * N
+
+
+def test_resumed_stream_continues_exactly():
+    """Starting the sampler after k items gives the tail of the uninterrupted stream, across epochs."""
+    full = list(itertools.islice(iter(ResumableSampler(10, 2, 1, seed=3)), 23))
+    for k in (0, 4, 5, 13):
+        tail = list(itertools.islice(iter(ResumableSampler(10, 2, 1, seed=3, start=k)), 23 - k))
+        assert tail == full[k:]
+    with pytest.raises(ValueError, match="cannot be shared"):
+        ResumableSampler(1, 2, 0)
 
 
 def test_bad_dataset_refused_or_skipped(folder, tmp_path, caplog):

@@ -32,12 +32,13 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from ..geometry.cameras import mirror_labels
 from ..geometry.morphable import MorphableModel
 from .config import DATA_KINDS, DataConfig
 from .format import DatasetError, check_dataset, read_index
+from .sampler import ResumableSampler
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +204,14 @@ class ConditioningSampler:
 
 class PortraitDataModule(L.LightningDataModule):
     """Training data of `DataConfig`: generates the synthetic dataset when asked and missing
-    (``prepare_data``, rank 0), serves shuffled batches with a seeded `DistributedSampler` (one
-    shard per rank, reshuffled per epoch by Lightning's ``set_epoch``), and exposes
-    ``conditioning`` (a `ConditioningSampler` seeded per rank) for the fake images."""
+    (``prepare_data``, rank 0), serves an endless stream of shuffled batches (`ResumableSampler`:
+    one shard per rank, a new seeded permutation per epoch), and exposes ``conditioning`` (a
+    `ConditioningSampler` seeded per rank) for the fake images.
+
+    ``resume_at(batches)`` makes the next ``train_dataloader`` continue after that many batches of
+    this rank, so a resumed run sees exactly the items the uninterrupted run would have seen. Use
+    ``Trainer(use_distributed_sampler=False)``: the sharding is done here.
+    """
 
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__()
@@ -219,6 +225,12 @@ class PortraitDataModule(L.LightningDataModule):
         self.cfg = cfg
         self.dataset: PortraitDataset | None = None
         self.conditioning: ConditioningSampler | None = None
+        self.start_batch = 0
+
+    def resume_at(self, batches: int) -> None:
+        if batches < 0:
+            raise ValueError(f"resume_at({batches}): expected >= 0 batches")
+        self.start_batch = int(batches)
 
     @property
     def dataset_path(self) -> Path:
@@ -253,13 +265,15 @@ class PortraitDataModule(L.LightningDataModule):
         if self.dataset is None:
             raise RuntimeError("PortraitDataModule.setup() must run before train_dataloader()")
         world, rank = self._rank()
-        sampler = DistributedSampler(
-            self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.cfg.seed, drop_last=True
-        )
+        sampler = ResumableSampler(len(self.dataset), num_replicas=world, rank=rank, seed=self.cfg.seed,
+                                   start=self.start_batch * self.cfg.batch_size)
         return DataLoader(
             self.dataset,
             batch_size=self.cfg.batch_size,
             sampler=sampler,
+            # Its own generator: creating the loader's iterator must not draw from the global RNG,
+            # or a resumed run would drift from the uninterrupted one.
+            generator=torch.Generator().manual_seed(self.cfg.seed + rank),
             num_workers=self.cfg.num_workers,
             pin_memory=self.cfg.pin_memory,
             drop_last=True,
