@@ -27,16 +27,17 @@ def run_task(cfg: DictConfig) -> dict:
     from lightning.fabric.utilities.seed import seed_everything
 
     from .tasks import load_task
-    from .tasks.base import RunContext
+    from .tasks.base import RunContext, is_rank_zero
     from .utils.console import print_config_tree
     from .utils.files import atomic_open
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     ctx = RunContext(run_dir=run_dir)
-    if cfg.get("print_config", True):
-        print_config_tree(cfg)
-    with atomic_open(run_dir / "config_resolved.yaml", "w") as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    if is_rank_zero():  # the other processes of a distributed job share this run directory
+        if cfg.get("print_config", True):
+            print_config_tree(cfg)
+        with atomic_open(run_dir / "config_resolved.yaml", "w") as f:
+            f.write(OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(int(cfg.seed), workers=True, verbose=False)
     task = load_task(cfg.task.name)
     typed = OmegaConf.to_object(cfg)  # dataclass instances: attribute access, typed fields

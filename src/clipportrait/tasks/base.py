@@ -17,11 +17,19 @@ class TaskConfig:
     name: str = "???"
 
 
+def is_rank_zero() -> bool:
+    """True in the process that owns the run directory's files (rank 0 of a distributed job, or the
+    only process). Lightning keeps ``rank_zero_only.rank`` current from the launcher's environment."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 class MetricsLog:
     """Append-only JSON-lines file (``metrics.jsonl``): one record per evaluation/event.
 
     Each line is written with a single write() + flush + fsync so a crash never leaves a partial
-    line in the middle of the file.
+    line in the middle of the file. Only rank 0 writes (other ranks' calls do nothing).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -29,6 +37,8 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
+        if not is_rank_zero():
+            return
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
         line = json.dumps(record, sort_keys=False, default=_json_default) + "\n"
         with open(self.path, "a", encoding="utf-8") as f:
