@@ -70,6 +70,32 @@ def test_point_triangle_distance_matches_pytorch3d_and_sampling():
     assert (ours <= sampled_min + 1e-12).all()
 
 
+def test_pair_distance_of_the_torch_search_matches_float64_reference():
+    """The float32 pair distance of the PyTorch search (plane distance inside, nearest edge outside,
+    from per-triangle constants) is the exact point-triangle distance: against the float64 closest
+    point for regular triangles and nearly flat slivers, and against float64 segment distances for
+    degenerate ones (collinear corners, a repeated corner, all corners equal: the nearest of the edges)."""
+    g = torch.Generator().manual_seed(21)
+    tri = torch.randn(3000, 3, 3, generator=g, dtype=torch.float64) * 0.05
+    tri[:200, 2] = tri[:200, 0] + 0.7 * (tri[:200, 1] - tri[:200, 0])  # collinear
+    tri[200:300, 2] = tri[200:300, 1]  # repeated corner (one zero-length edge)
+    tri[300:350, 1:] = tri[300:350, :1]  # a point
+    tri[350:450, 2] = tri[350:450, 0] + 0.5 * (tri[350:450, 1] - tri[350:450, 0]) + 1e-6  # sliver
+    p = torch.randn(3000, 3, generator=g, dtype=torch.float64) * 0.05
+    p[450:900] = tri[450:900].mean(1) + 1e-3 * torch.randn(450, 3, generator=g, dtype=torch.float64)  # near faces
+    ours = D._pair_dist2(p.float().T.contiguous(), D._triangle_table(tri.float())).double().sqrt()
+    assert torch.isfinite(ours).all()
+    regular = D._point_triangle_dist2(p[350:], tri[350:]).sqrt()
+    assert (ours[350:] - regular).abs().max() < 2e-6
+    # A degenerate triangle is the union of its edges: nearest edge point in float64.
+    to_edges = []
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        start, edge = tri[:350, i], tri[:350, j] - tri[:350, i]
+        t = ((p[:350] - start) * edge).sum(-1) / (edge * edge).sum(-1).clamp_min(1e-300)
+        to_edges.append((p[:350] - start - t.clamp(0, 1)[:, None] * edge).norm(dim=-1))
+    assert (ours[:350] - torch.stack(to_edges).min(0).values).abs().max() < 2e-6
+
+
 def test_grid_search_is_exact_against_bruteforce():
     """On points near a bumpy closed mesh, the grid search's triangle is at the float64 brute-force
     minimum distance for >= 99.9 % of points (differing indices are exact ties at shared edges or

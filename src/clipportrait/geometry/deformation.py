@@ -23,8 +23,9 @@ x of the cell satisfies the first bound by the triangle inequality, and the seco
 Each level refines the previous one, whose lists contain all of a child cell's candidates. A query
 then tests only its cell's few candidates.
 
-Backends. "torch": the grid as CSR lists built level by level in plain PyTorch (any device; pairs
-evaluated in chunks), eq. 5 in PyTorch. "triton" (CUDA; also under TRITON_INTERPRET=1 on CPU): the grid
+Backends. "torch": the grid as CSR lists built level by level in plain PyTorch (any device), only
+in the cells that hold query points; (point, triangle) pairs evaluated in chunks from per-triangle
+constants laid out one row per scalar; eq. 5 in PyTorch. "triton" (CUDA; also under TRITON_INTERPRET=1 on CPU): the grid
 with a fixed number of slots per cell, one kernel per level and no host synchronisation (a cell with
 more candidates than slots keeps its parent's list, a superset, so it stays exact), and one fused
 kernel per call doing the search, eq. 5, the blend weight and the fallback; its backward evaluates
@@ -195,18 +196,62 @@ class _Grid:
     tris: Tensor  # (nnz,) int64 global triangle ids b*F + t
 
 
-def _cell_centres(lo: Tensor, cell: Tensor, res: int) -> Tensor:
-    ar = torch.arange(res, device=lo.device, dtype=lo.dtype) + 0.5
-    ijk = torch.stack(torch.meshgrid(ar, ar, ar, indexing="ij"), dim=-1).reshape(-1, 3)
-    return (lo[:, None] + ijk[None] * cell[:, None]).reshape(-1, 3)
+def _triangle_table(tris: Tensor) -> Tensor:
+    """Per-triangle constants (24, T) of ``_pair_dist2`` for triangles (T,3,3), one row per scalar so
+    that gathering a row for a list of pairs gives a contiguous vector: corner a (3); edges b - a,
+    c - a, c - b (9); unit normal (3); gradients of the plane barycentrics v and w (6); 1/|edge|^2 (3).
+
+    Nearly degenerate triangles (squared sine of the angle at a below 1e-6, where float32 cannot
+    resolve the barycentrics) get NaN gradients, so their inside test fails and their distance is
+    the edges' (off by at most their tiny inradius); zero-length edges get 1/|edge|^2 = 0, which
+    makes that edge's closest point its first corner (exact for a point-like edge)."""
+    a, b, c = tris.unbind(-2)
+    edges = torch.stack((b - a, c - a, c - b), 1)  # (T,3 edges,3)
+    length2 = (edges * edges).sum(-1)
+    inv_length2 = torch.where(length2 > 0, 1 / _safe(length2), torch.zeros_like(length2))
+    bb, cc, bc = length2[:, 0, None], length2[:, 1, None], _dot(edges[:, 0], edges[:, 1])[:, None]
+    det = bb * cc - bc * bc
+    resolved = det > 1e-6 * bb * cc
+    nan = torch.full_like(edges[:, 0], float("nan"))
+    grad_v = torch.where(resolved, (cc * edges[:, 0] - bc * edges[:, 1]) / _safe(det), nan)
+    grad_w = torch.where(resolved, (bb * edges[:, 1] - bc * edges[:, 0]) / _safe(det), nan)
+    rows = torch.cat((a, edges.reshape(-1, 9), _unit_normal(tris), grad_v, grad_w, inv_length2), 1)
+    return rows.T.contiguous()
 
 
-def _child_to_parent(batch: int, res: int, parent_res: int, device: torch.device) -> Tensor:
-    factor = res // parent_res
-    ar = torch.arange(res, device=device) // factor
-    i, j, k = torch.meshgrid(ar, ar, ar, indexing="ij")
-    local = ((i * parent_res + j) * parent_res + k).reshape(-1)
-    return (torch.arange(batch, device=device)[:, None] * parent_res**3 + local[None]).reshape(-1)
+def _dot_rows(x: list[Tensor], y: list[Tensor]) -> Tensor:
+    return torch.addcmul(torch.addcmul(x[0] * y[0], x[1], y[1]), x[2], y[2])
+
+
+def _segment_dist2(q: list[Tensor], edge: list[Tensor], inv_length2: Tensor) -> Tensor:
+    """Squared distance of q (relative to the segment's start) to the segment start + [0, 1] edge."""
+    t = (_dot_rows(q, edge) * inv_length2).clamp_(0, 1)
+    r = [torch.addcmul(q[i], t, edge[i], value=-1) for i in range(3)]
+    return _dot_rows(r, r)
+
+
+def _pair_dist2(p: Tensor, rows: Tensor) -> Tensor:
+    """Squared point-triangle distances of pairs: points p (3,P), triangles as gathered rows (24,P) of
+    ``_triangle_table``. The squared plane distance where the orthogonal projection falls inside the
+    triangle, else the nearest of its three edges (the closest point then lies on the boundary).
+
+    Scalar rows instead of (P,3) tensors: reductions over a last dimension of 3 and per-pair
+    gathers of 3x3 blocks dominated the CPU time of the (..., 3) formulation."""
+    r = rows.unbind(0)
+    q = [p[i] - r[i] for i in range(3)]
+    e_ab, e_ac, e_bc = r[3:6], r[6:9], r[9:12]
+    v, w = _dot_rows(q, r[15:18]), _dot_rows(q, r[18:21])
+    inside = (v >= 0) & (w >= 0) & (v + w <= 1)
+    s = _dot_rows(q, r[12:15])
+    q_b = [q[i] - e_ab[i] for i in range(3)]
+    edge = torch.minimum(_segment_dist2(q, e_ab, r[21]), _segment_dist2(q, e_ac, r[22]))
+    edge = torch.minimum(edge, _segment_dist2(q_b, e_bc, r[23]))
+    return torch.where(inside, s * s, edge)
+
+
+# Pairs evaluated at once on the CPU (pair_chunk still bounds it): measured on the 2-core CI CPU,
+# 2^16 was fastest; 2^14 pays ~1.2x in per-op dispatch, 2^19 ~1.7x in cache misses.
+_CPU_PAIR_CHUNK = 1 << 16
 
 
 class _TorchSearch:
@@ -217,11 +262,12 @@ class _TorchSearch:
 
     def _chunks(self, counts: Tensor):
         """Yield query ranges [q0, q1) whose candidate pairs fit in pair_chunk (at least one query)."""
+        chunk = min(self.pair_chunk, _CPU_PAIR_CHUNK) if counts.device.type == "cpu" else self.pair_chunk
         ends = torch.cumsum(counts, 0).cpu()
         q0, n = 0, counts.numel()
         while q0 < n:
             base = int(ends[q0 - 1]) if q0 > 0 else 0
-            q1 = int(torch.searchsorted(ends, torch.tensor(base + self.pair_chunk), right=True))
+            q1 = int(torch.searchsorted(ends, torch.tensor(base + chunk), right=True))
             q1 = min(max(q1, q0 + 1), n)
             yield q0, q1
             q0 = q1
@@ -229,19 +275,21 @@ class _TorchSearch:
     @staticmethod
     def _pairs(starts: Tensor, counts: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
         query = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-        first = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(query.numel(), device=counts.device) - first[query]
-        return query, cand[starts[query] + rank]
+        # Pair i of query q is cand[starts[q] + i - first[q]], first[q] = its first pair.
+        shift = starts - (torch.cumsum(counts, 0) - counts)
+        return query, cand[shift[query] + torch.arange(query.numel(), device=counts.device)]
 
-    def nearest(self, queries: Tensor, starts: Tensor, counts: Tensor, cand: Tensor, tris: Tensor):
-        """Per query: (min squared distance, global triangle id) over its candidates; (inf, -1) if none."""
+    def nearest(self, queries: Tensor, starts: Tensor, counts: Tensor, cand: Tensor, table: Tensor):
+        """Per query (Q,3): (min squared distance, global triangle id) over its candidates; (inf, -1)
+        if none. ``table``: ``_triangle_table`` of all triangles."""
         best_d2 = torch.full((queries.shape[0],), float("inf"), device=queries.device, dtype=queries.dtype)
         best_tri = torch.full((queries.shape[0],), -1, device=queries.device, dtype=torch.long)
+        coords = queries.T.contiguous()
         for q0, q1 in self._chunks(counts):
             query, tri = self._pairs(starts[q0:q1], counts[q0:q1], cand)
             if query.numel() == 0:
                 continue
-            d2 = _point_triangle_dist2(queries[q0:q1][query], tris[tri])
+            d2 = _pair_dist2(coords.index_select(1, query + q0), table.index_select(1, tri))
             seg_min = torch.full((q1 - q0,), float("inf"), device=d2.device, dtype=d2.dtype)
             seg_min = seg_min.scatter_reduce(0, query, d2, reduce="amin")
             # First candidate reaching the minimum (ties resolved by candidate order).
@@ -254,25 +302,111 @@ class _TorchSearch:
             best_tri[q0:q1] = torch.where(has, tri[first.clamp(max=query.numel() - 1)], best_tri[q0:q1])
         return best_d2, best_tri
 
-    def select(self, queries: Tensor, starts: Tensor, counts: Tensor, cand: Tensor, tris: Tensor,
+    def select(self, queries: Tensor, starts: Tensor, counts: Tensor, cand: Tensor, table: Tensor,
                slack: Tensor, limit: Tensor) -> tuple[Tensor, Tensor]:
         """Per query keep candidates with dist <= min(min dist + slack, limit).
 
         Returns (new counts, new candidate list in query order)."""
         new_counts = torch.zeros_like(counts)
         kept = []
+        coords = queries.T.contiguous()
         for q0, q1 in self._chunks(counts):
             query, tri = self._pairs(starts[q0:q1], counts[q0:q1], cand)
             if query.numel() == 0:
                 continue
-            dist = _point_triangle_dist2(queries[q0:q1][query], tris[tri]).sqrt()
+            dist = _pair_dist2(coords.index_select(1, query + q0), table.index_select(1, tri)).sqrt()
             seg_min = torch.full((q1 - q0,), float("inf"), device=dist.device, dtype=dist.dtype)
             seg_min = seg_min.scatter_reduce(0, query, dist, reduce="amin")
-            keep = dist <= torch.minimum(seg_min[query] + slack[q0:q1][query], limit[q0:q1][query])
+            keep = dist <= torch.minimum(seg_min + slack[q0:q1], limit[q0:q1])[query]
             new_counts[q0:q1] = torch.bincount(query[keep], minlength=q1 - q0)
             kept.append(tri[keep])
         tris_out = torch.cat(kept) if kept else cand.new_zeros(0)
         return new_counts, tris_out
+
+
+def _decode_cells(cells: Tensor, res: int) -> tuple[Tensor, Tensor]:
+    """Global cell ids b*res^3 + (i*res + j)*res + k -> (batch index, (i, j, k))."""
+    local = cells % res**3
+    return cells // res**3, torch.stack((local // res**2, local // res % res, local % res), -1)
+
+
+def _encode_cells(batch: Tensor, ijk: Tensor, res: int) -> Tensor:
+    return ((batch * res + ijk[..., 0]) * res + ijk[..., 1]) * res + ijk[..., 2]
+
+
+def _parent_cells(cells: Tensor, res: int, parent_res: int) -> Tensor:
+    batch, ijk = _decode_cells(cells, res)
+    return _encode_cells(batch, ijk // (res // parent_res), parent_res)
+
+
+def _refine(search: _TorchSearch, table: Tensor, lo: Tensor, cell: Tensor, res: int, cells: Tensor,
+            starts: Tensor, counts: Tensor, cand: Tensor, reach: float) -> tuple[Tensor, Tensor]:
+    """Candidate counts and lists (in ``cells`` order) of the given cells at resolution ``res``, each
+    from its parent's list (``starts``/``counts`` per cell, into ``cand``) by the rule of the module
+    docstring. ``cell``: (B,3) cell sizes at this resolution."""
+    batch, ijk = _decode_cells(cells, res)
+    centres = lo[batch] + (ijk.to(lo.dtype) + 0.5) * cell[batch]
+    half_diag = 0.5 * cell.norm(dim=-1)[batch]
+    tol = 1e-3 * half_diag + 1e-6  # float32 rounding of the distances
+    return search.select(centres, starts, counts, cand, table, 2 * half_diag + tol, reach + half_diag + tol)
+
+
+def build_candidate_grid(tris: Tensor, reach: float, levels: list[int], search: _TorchSearch) -> _Grid:
+    """Exact candidate grid (CSR, PyTorch) for triangles ``tris`` (B,F,3,3) over their box grown by
+    ``reach``, every cell of every level (the forward builds only the cells holding its points)."""
+    batch, num_faces = tris.shape[:2]
+    device = tris.device
+    table = _triangle_table(tris.reshape(-1, 3, 3))
+    lo, size = _grid_box(tris, reach)
+    # Root: one cell per mesh listing all of its triangles.
+    parent_res = 1
+    offsets = torch.arange(batch + 1, device=device) * num_faces
+    cand = torch.arange(batch * num_faces, device=device)
+    for res in levels:
+        cells = torch.arange(batch * res**3, device=device)
+        parent = _parent_cells(cells, res, parent_res)
+        starts, counts = offsets[parent], offsets[parent + 1] - offsets[parent]
+        counts, cand = _refine(search, table, lo, size / res, res, cells, starts, counts, cand, reach)
+        offsets = torch.cat((counts.new_zeros(1), torch.cumsum(counts, 0)))
+        parent_res = res
+    return _Grid(parent_res, lo, size / parent_res, offsets, cand)
+
+
+def grid_nearest(points: Tensor, tris: Tensor, reach: float, levels: list[int],
+                 search: _TorchSearch) -> tuple[Tensor, Tensor]:
+    """Nearest triangle (local index, -1 if none) and squared distance (inf if none) for points
+    (B,N,3) against triangles (B,F,3,3); exact for every point within ``reach`` of its mesh.
+
+    The grid of ``build_candidate_grid`` restricted to the cells holding points (same lists, as each
+    level refines its parent's list alone); points outside the box (beyond reach) are not searched."""
+    batch, n = points.shape[:2]
+    num_faces = tris.shape[1]
+    device = points.device
+    table = _triangle_table(tris.reshape(-1, 3, 3))
+    lo, size = _grid_box(tris, reach)
+    fine = levels[-1]
+    rel = ((points - lo[:, None]) / (size / fine)[:, None]).reshape(-1, 3)
+    searched = ((rel >= 0) & (rel < fine)).all(-1).nonzero()[:, 0]
+    # Coarser cells derive from the finest one, so a point's cells nest at every level.
+    fine_cells = _encode_cells(searched // n, rel[searched].floor().long().clamp_(0, fine - 1), fine)
+    cells, point_cell = torch.unique(fine_cells, return_inverse=True)
+    level_cells = [cells]
+    for res, child_res in zip(reversed(levels[:-1]), reversed(levels[1:])):
+        level_cells.insert(0, torch.unique(_parent_cells(level_cells[0], child_res, res)))
+    # Root: one cell per mesh listing all of its triangles.
+    level_cells.insert(0, torch.arange(batch, device=device))
+    starts = torch.arange(batch, device=device) * num_faces
+    counts = torch.full((batch,), num_faces, device=device)
+    cand = torch.arange(batch * num_faces, device=device)
+    for parents, cells, parent_res, res in zip(level_cells, level_cells[1:], [1, *levels], levels):
+        parent = torch.searchsorted(parents, _parent_cells(cells, res, parent_res))
+        counts, cand = _refine(search, table, lo, size / res, res, cells, starts[parent], counts[parent], cand, reach)
+        starts = torch.cumsum(counts, 0) - counts
+    d2, tri = search.nearest(points.reshape(-1, 3)[searched], starts[point_cell], counts[point_cell], cand, table)
+    local = torch.where(tri >= 0, tri - searched // n * num_faces, tri)
+    tri_all = torch.full((batch * n,), -1, device=device, dtype=torch.long).index_put_((searched,), local)
+    d2_all = torch.full((batch * n,), float("inf"), device=device, dtype=d2.dtype).index_put_((searched,), d2)
+    return tri_all.reshape(batch, n), d2_all.reshape(batch, n)
 
 
 # ----------------------------------------------------------------------------- Triton kernels (CUDA)
@@ -632,48 +766,6 @@ def _grid_box(tris: Tensor, reach: float) -> tuple[Tensor, Tensor]:
     return cmin - margin, cmax - cmin + 2 * margin
 
 
-def build_candidate_grid(tris: Tensor, reach: float, levels: list[int], search: _TorchSearch) -> _Grid:
-    """Exact candidate grid (CSR, PyTorch) for triangles ``tris`` (B,F,3,3) over their box grown by ``reach``."""
-    batch, num_faces = tris.shape[:2]
-    device = tris.device
-    flat = tris.reshape(-1, 3, 3)
-    lo, size = _grid_box(tris, reach)
-    # Root: one cell per mesh listing all of its triangles.
-    parent_res = 1
-    offsets = torch.arange(batch + 1, device=device) * num_faces
-    cand = torch.arange(batch * num_faces, device=device)
-    for res in levels:
-        cell = size / res
-        half_diag = 0.5 * cell.norm(dim=-1)  # (B,)
-        centres = _cell_centres(lo, cell, res)
-        parent = _child_to_parent(batch, res, parent_res, device)
-        starts, counts = offsets[parent], offsets[parent + 1] - offsets[parent]
-        per_cell = half_diag.repeat_interleave(res**3)
-        tol = 1e-3 * per_cell + 1e-6  # float32 rounding of the distances
-        counts, cand = search.select(centres, starts, counts, cand, flat, 2 * per_cell + tol, reach + per_cell + tol)
-        offsets = torch.cat((counts.new_zeros(1), torch.cumsum(counts, 0)))
-        parent_res = res
-    return _Grid(parent_res, lo, size / parent_res, offsets, cand)
-
-
-def grid_nearest(points: Tensor, grid: _Grid, tris: Tensor, search: _TorchSearch) -> tuple[Tensor, Tensor]:
-    """Nearest triangle (local index, -1 if none within reach) and squared distance for points (B,N,3)."""
-    batch, n = points.shape[:2]
-    num_faces = tris.shape[1]
-    res = grid.res
-    rel = (points - grid.lo[:, None]) / grid.cell[:, None]
-    outside = ((rel < 0) | (rel >= res)).any(-1)
-    ijk = rel.floor().long().clamp(0, res - 1)
-    cell = (torch.arange(batch, device=points.device)[:, None] * res + ijk[..., 0]) * res + ijk[..., 1]
-    cell = (cell * res + ijk[..., 2]).reshape(-1)
-    starts = grid.offsets[cell]
-    counts = torch.where(outside.reshape(-1), torch.zeros_like(starts), grid.offsets[cell + 1] - starts)
-    d2, tri = search.nearest(points.reshape(-1, 3), starts, counts, grid.tris, tris.reshape(-1, 3, 3))
-    batch_base = torch.arange(batch, device=points.device).repeat_interleave(n) * num_faces
-    local = torch.where(tri >= 0, tri - batch_base, tri)
-    return local.reshape(batch, n), d2.reshape(batch, n)
-
-
 @dataclass
 class FixedGrid:
     """Candidate grid of fixed capacity, built without host synchronisation (Triton).
@@ -929,7 +1021,7 @@ class SurfaceFieldDeformation(torch.nn.Module):
         with torch.no_grad():
             search = _TorchSearch(cfg.pair_chunk)
             tris_det = obs_verts.detach().float()[:, self.faces]
-            grid = build_candidate_grid(tris_det, cfg.shell + cfg.blend, list(cfg.grid_levels), search)
-            tri_idx, d2 = grid_nearest(points.detach().float(), grid, tris_det, search)
+            tri_idx, d2 = grid_nearest(points.detach().float(), tris_det, cfg.shell + cfg.blend,
+                                       list(cfg.grid_levels), search)
             tri_idx = torch.where(d2 <= (cfg.shell + cfg.blend) ** 2, tri_idx, -1)  # weight 0 beyond reach
         return map_from_triangles(points, obs_verts, canon_verts, self.faces, fallback, tri_idx, cfg, return_info)
