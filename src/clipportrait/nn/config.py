@@ -49,6 +49,9 @@ class BackboneConfig:
     sr_bf16: bool = True
     sr_conv_clamp: float | None = 256.0
     sr_antialias: bool = True
+    # CUDA fast path of the synthesis and super-resolution layers: channels_last convs, FIR folded
+    # into the transposed conv, in-place conv tails (same function; CPU keeps the reference path).
+    cuda_fast_path: bool = True
 
     def validate(self) -> None:
         if self.decoder_features < 3:

@@ -4,6 +4,11 @@ Equalised learning rate (weights stored at unit variance, scaled at run time), f
 activation + clamp, FIR up/down-sampling (``upfirdn2d`` semantics of StyleGAN2: zero-insertion
 upsampling, padding, true convolution with the filter, decimation) and modulated convolution with
 demodulation. Everything is shape-static so ``torch.compile`` traces it without graph breaks.
+
+On CUDA a fast path (``use_fast_path``) computes the same functions with fewer passes over memory:
+channels_last activations (cuDNN's native layout), the FIR low-pass after a transposed conv folded
+into the conv's kernel (cuDNN's depthwise convs transpose bf16 tensors twice, see
+``fir_folded_transposed_weight``), and the conv tail in place with the activation gain folded in.
 """
 
 from __future__ import annotations
@@ -178,6 +183,50 @@ class Conv2dLayer(nn.Module):
         return f"in={i}, out={o}, k={k}, down={self.down}, activation={self.activation}"
 
 
+def use_fast_path(enabled: bool, x: torch.Tensor) -> bool:
+    """Whether to take the CUDA fast path: enabled and x on CUDA (CPU keeps the reference path)."""
+    return enabled and x.is_cuda
+
+
+def transposed_conv_fir_padding(kernel_size: int, taps: int, up: int) -> tuple[int, int]:
+    """Padding of the FIR low-pass that follows a stride-``up`` transposed conv (StyleGAN2), so the
+    result is exactly ``up`` times the input size."""
+    pad0 = (taps + up - 1) // 2 + kernel_size // 2 - (kernel_size - 1)
+    pad1 = (taps - up) // 2 + kernel_size // 2 - (kernel_size - up)
+    return pad0, pad1
+
+
+def demodulation_coefficients(weight: torch.Tensor, styles: torch.Tensor) -> torch.Tensor:
+    """(B, O) = 1 / sqrt(sum_ik (s_bi w_oik)^2 + 1e-8), in >= float32 for stability."""
+    # sum_ik (s_i w_oik)^2 = (s^2) @ (sum_k w_oik^2)^T.
+    dtype = torch.promote_types(styles.dtype, torch.float32)
+    with torch.autocast(device_type=styles.device.type, enabled=False):
+        return (styles.to(dtype).square() @ weight.to(dtype).square().sum(dim=(2, 3)).t() + 1e-8).rsqrt()
+
+
+def modulated_conv_core(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, up: int = 1) -> torch.Tensor:
+    """conv(x * s) (stride-``up`` transposed conv when ``up > 1``, before its FIR low-pass), no demodulation.
+
+    1x1 kernels fold the styles into per-sample weights and use one batched matmul instead (no
+    pass over x for the modulation), in whichever memory format x has.
+    """
+    batch, in_channels, height, width = x.shape
+    if weight.shape[-1] == 1 and weight.shape[-2] == 1 and up == 1:
+        per_sample = weight[:, :, 0, 0].to(x.dtype).unsqueeze(0) * styles.to(x.dtype).unsqueeze(1)  # (B, O, I)
+        out_channels = per_sample.shape[1]
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            y = torch.bmm(x.permute(0, 2, 3, 1).reshape(batch, height * width, in_channels), per_sample.transpose(1, 2))
+            return y.reshape(batch, height, width, out_channels).permute(0, 3, 1, 2)
+        return torch.bmm(per_sample, x.reshape(batch, in_channels, height * width)).reshape(
+            batch, out_channels, height, width)
+    x = x * styles.to(x.dtype).reshape(batch, -1, 1, 1)
+    if up > 1:
+        # StyleGAN2's order: transposed conv (stride `up`, 1/up^2 of the FLOPs of a conv at the
+        # output resolution), then the FIR low-pass with gain up^2 (see modulated_conv2d).
+        return F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), stride=up)
+    return F.conv2d(x, weight.to(x.dtype), padding=weight.shape[-1] // 2)
+
+
 def modulated_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -198,26 +247,88 @@ def modulated_conv2d(
         )
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight {tuple(weight.shape)}: expected {x.shape[1]} input channels")
-    x = x * styles.to(x.dtype).reshape(styles.shape[0], -1, 1, 1)
+    if up > 1 and resample_filter is None:
+        raise ValueError("resample_filter: required when up > 1")
+    x = modulated_conv_core(x, weight, styles, up)
     if up > 1:
-        if resample_filter is None:
-            raise ValueError("resample_filter: required when up > 1")
-        # StyleGAN2's order: transposed conv (stride `up`, 1/up^2 of the FLOPs of a conv at the
-        # output resolution), then the FIR low-pass with gain up^2 cropping to exactly up * H.
-        k, taps = weight.shape[-1], resample_filter.numel()
-        pad0 = (taps + up - 1) // 2 + k // 2 - (k - 1)
-        pad1 = (taps - up) // 2 + k // 2 - (k - up)
-        x = F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), stride=up)
+        pad0, pad1 = transposed_conv_fir_padding(weight.shape[-1], resample_filter.numel(), up)
         x = upfirdn2d(x, resample_filter, padding=(pad0, pad1, pad0, pad1), gain=up**2)
-    else:
-        x = F.conv2d(x, weight.to(x.dtype), padding=weight.shape[-1] // 2)
     if demodulate:
-        # sum_ik (s_i w_oik)^2 = (s^2) @ (sum_k w_oik^2)^T, computed in >= float32 for stability.
-        dtype = torch.promote_types(styles.dtype, torch.float32)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            dcoefs = (styles.to(dtype).square() @ weight.to(dtype).square().sum(dim=(2, 3)).t() + 1e-8).rsqrt()
-        x = x * dcoefs.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
+        x = x * demodulation_coefficients(weight, styles).to(x.dtype).reshape(x.shape[0], -1, 1, 1)
     return x
+
+
+def fir_folded_transposed_weight(weight: torch.Tensor, f: torch.Tensor, up: int) -> torch.Tensor:
+    """(O, I, k, k) -> (O, I, k+t-1, k+t-1): the conv kernel fully convolved with the separable
+    t-tap FIR filter (gain up^2), so one stride-``up`` transposed conv with it equals the transposed
+    conv with ``weight`` followed by the FIR low-pass (composition of linear filters). It costs
+    ((k+t-1)/k)^2 the conv FLOPs but removes a depthwise pass, which is far slower on the GPU."""
+    out_ch, in_ch, k, _ = weight.shape
+    t = f.numel()
+    taps = f.to(weight.dtype) * up  # sqrt(up^2) per dimension
+    kernel = (taps[:, None] * taps[None, :]).flip(0, 1).reshape(1, 1, t, t)  # conv2d correlates: flip
+    full = F.conv2d(weight.reshape(out_ch * in_ch, 1, k, k), kernel, padding=t - 1)
+    return full.reshape(out_ch, in_ch, k + t - 1, k + t - 1)
+
+
+def modulated_upconv_folded(
+    x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, resample_filter: torch.Tensor, up: int = 2
+) -> torch.Tensor:
+    """``modulated_conv2d(..., demodulate=False, up=up)`` as one transposed conv with the FIR folded
+    into its kernel; the output is exactly ``up`` times the input size."""
+    k, t = weight.shape[-1], resample_filter.numel()
+    pad0, pad1 = transposed_conv_fir_padding(k, t, up)
+    start = t - 1 - pad0  # first output of the full (uncropped) convolution that is kept
+    end = k + t - 1 - up - start  # outputs dropped at the far end
+    folded = fir_folded_transposed_weight(weight, resample_filter, up)
+    x = x * styles.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
+    if start == end and start >= 0:
+        return F.conv_transpose2d(x, folded.transpose(0, 1).to(x.dtype), stride=up, padding=start)
+    y = F.conv_transpose2d(x, folded.transpose(0, 1).to(x.dtype), stride=up)
+    y = F.pad(y, [-start, -end, -start, -end])  # negative pads crop (positive ones pad zeros)
+    return y
+
+
+def synthesis_layer_tail(
+    x: torch.Tensor,
+    dcoefs: torch.Tensor,
+    noise: torch.Tensor | None,
+    noise_strength: torch.Tensor,
+    bias: torch.Tensor,
+    gain: float = 1.0,
+    clamp: float | None = None,
+) -> torch.Tensor:
+    """Demodulation by ``dcoefs`` (B, O), noise * strength, bias, leaky ReLU (gain sqrt(2) * gain)
+    and clamp: the same as ``x * d``, ``+ noise * strength`` and ``bias_act(.., "lrelu", gain, clamp)``
+    in three or four passes instead of seven, since lrelu(z) * a = lrelu(z * a) for a > 0 lets
+    the activation gain go into d, strength and bias. ``x`` (a fresh conv output) is overwritten."""
+    act_gain = LRELU_GAIN * gain
+    batch, channels = x.shape[:2]
+    scale = (dcoefs * act_gain).to(x.dtype).reshape(batch, channels, 1, 1)
+    shift = (bias * act_gain).to(x.dtype).reshape(1, channels, 1, 1)
+    x = torch.addcmul(shift, x, scale)
+    if noise is not None:
+        x = x.add_(noise.to(x.dtype) * (noise_strength * act_gain).to(x.dtype))
+    x = F.leaky_relu_(x, LRELU_SLOPE)  # backward needs only its output, which nothing below overwrites
+    if clamp is not None:
+        bound = clamp * gain
+        x = x.clamp_(-bound, bound) if not torch.is_grad_enabled() else x.clamp(-bound, bound)
+    return x
+
+
+def torgb_tail(
+    y: torch.Tensor,
+    bias: torch.Tensor,
+    clamp: float | None,
+    img: torch.Tensor | None,
+    resample_filter: torch.Tensor,
+) -> torch.Tensor:
+    """Skip architecture: bias (+ clamp) of the toRGB output, in float32, added to the 2x
+    FIR-upsampled running image (``img`` None for the first block)."""
+    y = bias_act(y, bias, "linear", clamp=clamp).float()
+    if img is None:
+        return y
+    return upsample2d(img.float(), resample_filter) + y
 
 
 class MinibatchStd(nn.Module):

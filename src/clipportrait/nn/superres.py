@@ -25,6 +25,7 @@ class SuperResolution(nn.Module):
         use_bf16: bool = True,
         conv_clamp: float | None = 256.0,
         antialias: bool = True,
+        fast_path: bool = True,
     ) -> None:
         super().__init__()
         if len(channels) == 0:
@@ -34,7 +35,7 @@ class SuperResolution(nn.Module):
         widths = [in_channels] + list(channels)
         self.blocks = nn.ModuleList(
             SynthesisBlock(a, b, w_dim, input_resolution * 2 ** (i + 1), img_channels=3,
-                           use_bf16=use_bf16, conv_clamp=conv_clamp if use_bf16 else None)
+                           use_bf16=use_bf16, conv_clamp=conv_clamp if use_bf16 else None, fast_path=fast_path)
             for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))
         )
 

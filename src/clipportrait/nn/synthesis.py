@@ -3,6 +3,10 @@
 Blocks whose resolution is at least ``bf16_resolution`` run under bf16 autocast on CUDA (the
 StyleGAN2 ``num_fp16_res`` idea, with bf16 so no loss scaling is needed); on CPU they stay float32
 unless the caller opens an autocast context itself.
+
+With ``fast_path`` (the default) CUDA tensors take ``layers``' fast path: channels_last activations
+(cuDNN's native layout: no NCHW<->NHWC transposes around each conv), the FIR low-pass folded into
+the up-sampling conv, and in-place conv tails. It computes the same function as the reference path.
 """
 
 from __future__ import annotations
@@ -17,9 +21,14 @@ from clipportrait.nn.layers import (
     DEFAULT_FIR,
     FullyConnected,
     bias_act,
+    demodulation_coefficients,
     fir_filter,
     modulated_conv2d,
-    upsample2d,
+    modulated_conv_core,
+    modulated_upconv_folded,
+    synthesis_layer_tail,
+    torgb_tail,
+    use_fast_path,
 )
 
 NOISE_MODES = ("random", "const", "none")
@@ -44,9 +53,10 @@ class SynthesisLayer(nn.Module):
         up: int = 1,
         conv_clamp: float | None = None,
         resample_taps: tuple[float, ...] = DEFAULT_FIR,
+        fast_path: bool = True,
     ) -> None:
         super().__init__()
-        self.resolution, self.up, self.conv_clamp = resolution, up, conv_clamp
+        self.resolution, self.up, self.conv_clamp, self.fast_path = resolution, up, conv_clamp, fast_path
         self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 3, 3))
         self.bias = nn.Parameter(torch.zeros(out_channels))
@@ -56,15 +66,27 @@ class SynthesisLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random", gain: float = 1.0) -> torch.Tensor:
         styles = self.affine(w)
-        x = modulated_conv2d(x, self.weight, styles, demodulate=True, up=self.up, resample_filter=self.resample_filter)
-        if noise_mode == "random":
-            noise = torch.randn(x.shape[0], 1, self.resolution, self.resolution, device=x.device, dtype=x.dtype)
-            x = x + noise * self.noise_strength.to(x.dtype)
-        elif noise_mode == "const":
-            x = x + (self.noise_const * self.noise_strength).to(x.dtype)
-        elif noise_mode != "none":
+        if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode={noise_mode!r}: expected one of {NOISE_MODES}")
+        if use_fast_path(self.fast_path, x):
+            x = x.contiguous(memory_format=torch.channels_last)
+            if self.up > 1:
+                x = modulated_upconv_folded(x, self.weight, styles, self.resample_filter, self.up)
+            else:
+                x = modulated_conv_core(x, self.weight, styles)
+            return synthesis_layer_tail(x, demodulation_coefficients(self.weight, styles), self._noise(x, noise_mode),
+                                        self.noise_strength, self.bias, gain, self.conv_clamp)
+        x = modulated_conv2d(x, self.weight, styles, demodulate=True, up=self.up, resample_filter=self.resample_filter)
+        noise = self._noise(x, noise_mode)
+        if noise is not None:
+            x = x + noise.to(x.dtype) * self.noise_strength.to(x.dtype)
         return bias_act(x, self.bias, "lrelu", gain=gain, clamp=self.conv_clamp)
+
+    def _noise(self, x: torch.Tensor, noise_mode: str) -> torch.Tensor | None:
+        """Per-pixel noise (B, 1, R, R) / (R, R), or None, for the conv output ``x``."""
+        if noise_mode == "random":
+            return torch.randn(x.shape[0], 1, self.resolution, self.resolution, device=x.device, dtype=x.dtype)
+        return self.noise_const if noise_mode == "const" else None
 
 
 class ToRGBLayer(nn.Module):
@@ -72,16 +94,16 @@ class ToRGBLayer(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, conv_clamp: float | None = None) -> None:
         super().__init__()
-        self.conv_clamp = conv_clamp
+        self.conv_clamp = conv_clamp  # applied with the bias by SynthesisBlock (torgb_tail)
         self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 1, 1))
         self.bias = nn.Parameter(torch.zeros(out_channels))
         self.weight_gain = 1.0 / math.sqrt(in_channels)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Modulated 1x1 conv output before bias and clamp (``torgb_tail`` applies them)."""
         styles = self.affine(w) * self.weight_gain
-        x = modulated_conv2d(x, self.weight, styles, demodulate=False)
-        return bias_act(x, self.bias, "linear", clamp=self.conv_clamp)
+        return modulated_conv_core(x, self.weight, styles)
 
 
 class SynthesisBlock(nn.Module):
@@ -101,6 +123,7 @@ class SynthesisBlock(nn.Module):
         use_bf16: bool = False,
         conv_clamp: float | None = None,
         resample_taps: tuple[float, ...] = DEFAULT_FIR,
+        fast_path: bool = True,
     ) -> None:
         super().__init__()
         self.in_channels, self.resolution, self.use_bf16 = in_channels, resolution, use_bf16
@@ -110,9 +133,9 @@ class SynthesisBlock(nn.Module):
         else:
             self.const = None
             self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim, resolution, up=2,
-                                        conv_clamp=conv_clamp, resample_taps=resample_taps)
+                                        conv_clamp=conv_clamp, resample_taps=resample_taps, fast_path=fast_path)
         self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim, resolution,
-                                    conv_clamp=conv_clamp, resample_taps=resample_taps)
+                                    conv_clamp=conv_clamp, resample_taps=resample_taps, fast_path=fast_path)
         self.torgb = ToRGBLayer(out_channels, img_channels, w_dim, conv_clamp=conv_clamp)
         self.num_conv = 1 if in_channels == 0 else 2
         self.num_torgb = 1
@@ -135,11 +158,9 @@ class SynthesisBlock(nn.Module):
                     )
                 x = self.conv0(x, ws[:, 0], noise_mode)
                 x = self.conv1(x, ws[:, 1], noise_mode)
-            y = self.torgb(x, ws[:, self.num_conv]).float()
-        if img is not None:
-            img = upsample2d(img.float(), self.resample_filter) + y
-        else:
-            img = y
+            y = self.torgb(x, ws[:, self.num_conv])
+        # Outside autocast: the running image stays float32.
+        img = torgb_tail(y, self.torgb.bias, self.torgb.conv_clamp, img, self.resample_filter)
         return x, img
 
 
@@ -160,6 +181,7 @@ class SynthesisNetwork(nn.Module):
         channel_max: int,
         num_bf16_res: int = 0,
         conv_clamp: float | None = None,
+        fast_path: bool = True,
     ) -> None:
         super().__init__()
         log2 = int(math.log2(resolution)) if resolution > 0 else 0
@@ -173,7 +195,8 @@ class SynthesisNetwork(nn.Module):
             in_ch = channels_at(res // 2, channel_base, channel_max) if res > 4 else 0
             out_ch = channels_at(res, channel_base, channel_max)
             self.blocks.append(
-                SynthesisBlock(in_ch, out_ch, w_dim, res, img_channels, use_bf16=res >= bf16_from, conv_clamp=conv_clamp)
+                SynthesisBlock(in_ch, out_ch, w_dim, res, img_channels, use_bf16=res >= bf16_from, conv_clamp=conv_clamp,
+                               fast_path=fast_path)
             )
         # Consecutive blocks share one w: block k's toRGB w is block k+1's first conv w.
         self.num_ws = sum(b.num_conv for b in self.blocks) + self.blocks[-1].num_torgb
