@@ -16,6 +16,7 @@ from omegaconf import MISSING
 from ..data.config import DataConfig
 from ..geometry.deformation import DeformationConfig
 from ..geometry.morphable.config import MorphableConfig
+from ..lvlm.config import LVLMConfig
 from ..nn.config import BackboneConfig, DiscriminatorConfig
 from .base import LoggerConfig, PathsConfig, TrainerConfig
 
@@ -29,6 +30,7 @@ class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     deformation: DeformationConfig = field(default_factory=DeformationConfig)
+    lvlm: LVLMConfig = field(default_factory=LVLMConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
