@@ -2,6 +2,8 @@
 
 python -m benchmarks.bench_geometry --device cuda --out benchmarks/results/geometry-cuda.json
 python -m benchmarks.bench_geometry --device cpu --small          # checks the script itself
+python -m benchmarks.bench_geometry --device cpu --batches 8 --grids 4,8,16,32:256 --warmup 1 --no-baselines
+    (the CPU table: the brute-force baseline alone would take ~1 h of the 20 required runs there)
 
 Deformation: 64*64*96 ray samples per image (EG3D's 64^2 neural render, 48+48 samples) against a
 closed head-like mesh of 2,520 triangles (a latitude-longitude sphere squashed to head proportions
@@ -13,6 +15,8 @@ Mesh render: world-coordinate render at 64^2 and 512^2, batch 32, of a ~10k-tria
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 
@@ -67,6 +71,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=None)
     parser.add_argument("--grids", type=str, nargs="+", default=["4,8,16,32:256", "4,8,16,32:128", "8,16,32:256"],
                         help="candidate grids to time: comma-separated resolutions, ':', finest-cell capacity")
+    parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time pytorch3d's brute-force point-face distance and knn_points")
     args = parser.parse_args()
     device = torch.device(args.device)
     res, samples = (16, 24) if args.small else (64, 96)
@@ -106,6 +112,8 @@ def main() -> None:
                 results.append(time_fn(lambda: torch.autograd.grad(module(pts, obs, canon[None]).sum(), pts),
                                        name=f"deformation {spec} fwd+bwd (points)", batch=batch, dtype="float32",
                                        extra=extra, **timing))
+        if not args.baselines:
+            continue
         import pytorch3d._C as p3d_c
 
         flat_points = points.reshape(-1, 3)

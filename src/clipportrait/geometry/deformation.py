@@ -249,7 +249,7 @@ def _pair_dist2(p: Tensor, rows: Tensor) -> Tensor:
     return torch.where(inside, s * s, edge)
 
 
-# Pairs evaluated at once on the CPU (pair_chunk still bounds it): measured on the 2-core CI CPU,
+# Pairs evaluated at once on the CPU (pair_chunk still bounds it): measured on a 2-core dev CPU,
 # 2^16 was fastest; 2^14 pays ~1.2x in per-op dispatch, 2^19 ~1.7x in cache misses.
 _CPU_PAIR_CHUNK = 1 << 16
 
