@@ -61,7 +61,7 @@ class DataConfig:
     flip: bool = True  # x-flip augmentation: doubles the dataset with mirrored copies
     skip_bad: bool = False  # train on the good items of a dataset with problems (logged) instead of refusing
     verify_pixels: bool = True  # decode every image when checking the dataset (False: headers only, faster)
-    clip_cache: Optional[str] = None  # .npz with `names` and `embeddings` (canonical CLIP embeddings)
+    clip_cache: Optional[str] = None  # .npz with `names` and `embeddings`, or a task=canonicalize cache directory
     seed: int = 0  # shuffling seed (DistributedSampler) and conditioning-sampler seed
     pin_memory: bool = False
     persistent_workers: bool = False

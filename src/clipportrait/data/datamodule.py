@@ -43,10 +43,17 @@ from .sampler import ResumableSampler
 log = logging.getLogger(__name__)
 
 
-def load_clip_cache(path: str | os.PathLike, names: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+def load_clip_cache(path: str | os.PathLike, names: list[str], dataset_path: str | os.PathLike | None = None,
+                    stage1_checkpoint: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Embeddings (N,D) float32 for ``names`` from a cache ``.npz`` with arrays ``names`` (M,) and
-    ``embeddings`` (M,D) (optionally ``embeddings_flipped`` (M,D), used for flipped items)."""
+    ``embeddings`` (M,D) (optionally ``embeddings_flipped`` (M,D), used for flipped items), or from a
+    canonicalisation-cache directory of task=canonicalize (`canonical.cache`): that one is refused
+    unless its manifest matches the dataset at ``dataset_path`` and, when given, ``stage1_checkpoint``."""
     path = Path(path)
+    if path.is_dir():
+        from ..canonical.cache import load_canonical_embeddings
+
+        return load_canonical_embeddings(path, names, dataset_path=dataset_path, stage1_checkpoint=stage1_checkpoint)
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -108,7 +115,7 @@ class PortraitDataset(Dataset):
         self.flip = flip
         self.clip, self.clip_flipped = (None, None)
         if clip_cache is not None:
-            self.clip, self.clip_flipped = load_clip_cache(clip_cache, self.index.names)
+            self.clip, self.clip_flipped = load_clip_cache(clip_cache, self.index.names, dataset_path=path)
 
     @property
     def num_images(self) -> int:

@@ -60,6 +60,24 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot write {type(obj).__name__} to metrics.jsonl")
 
 
+def ensure_dataset(cfg, path: str | os.PathLike) -> Path:
+    """``path`` when a dataset is there; for ``data.kind=synthetic`` a missing one is rendered first
+    (from ``data.synthetic`` with the configured head); otherwise a UserError."""
+    path = Path(path)
+    if path.exists():
+        return path
+    if cfg.data.kind != "synthetic":
+        from ..errors import UserError
+
+        raise UserError(f"no dataset at {path} (data.kind={cfg.data.kind}): point data.path (or task.data_path) at one")
+    from ..data.synthetic import generate_synthetic
+    from ..geometry.morphable import build_morphable
+    from ..utils.console import console
+
+    console.print(f"dataset {path} missing: generating the synthetic world there first")
+    return Path(generate_synthetic(cfg.data.synthetic, path, model=build_morphable(cfg.morphable)))
+
+
 @dataclass
 class RunContext:
     """Where a task writes: the Hydra run directory and its standard sub-folders."""

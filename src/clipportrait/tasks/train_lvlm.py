@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..lvlm.train import ContrastiveTrainConfig
-from .base import RunContext, TaskConfig
+from .base import RunContext, TaskConfig, ensure_dataset
 
 DESCRIPTION = "train the small CLIP (open_clip, ClipLoss) on dataset captions; zero-shot attribute accuracy"
 
@@ -28,7 +28,6 @@ def run(cfg, ctx: RunContext) -> dict:
     import logging
     import time
     from dataclasses import asdict, fields
-    from pathlib import Path
 
     import open_clip
     import torch
@@ -48,15 +47,7 @@ def run(cfg, ctx: RunContext) -> dict:
     if lvlm.arch not in PROJECT_ARCHS:
         raise UserError(f"lvlm.arch={lvlm.arch!r}: train_lvlm trains the project's small architectures "
                         f"({', '.join(PROJECT_ARCHS)}); real CLIP weights are loaded with lvlm.kind=pretrained|file")
-    data_path = Path(task.data_path)
-    if not data_path.exists() and cfg.data.kind == "synthetic":
-        from ..data.synthetic import generate_synthetic
-        from ..geometry.morphable import build_morphable
-
-        console.print(f"dataset {data_path} missing: generating the synthetic world there first")
-        data_path = generate_synthetic(cfg.data.synthetic, data_path, model=build_morphable(cfg.morphable))
-    elif not data_path.exists():
-        raise UserError(f"task.data_path: no dataset at {data_path} (data.kind={cfg.data.kind})")
+    data_path = ensure_dataset(cfg, task.data_path)
     try:
         pairs = load_caption_pairs(data_path)
         train_rows, val_rows = split_indices(len(pairs), task.val_fraction, task.seed)

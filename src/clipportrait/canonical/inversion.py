@@ -1,0 +1,192 @@
+"""GAN inversion into the Stage-1 generator and the canonical re-render (paper sec. 3.3, eq. 6-10).
+
+For a training image x with its camera c_cam and morphable parameters c_geo (from the dataset),
+
+    w_x = argmin_w  LPIPS(V(S_G(w), c_cam, c_geo), x)  [+ pixel_weight * mean (render - x)^2]     (eq. 9)
+    x_hat = V(S_G(w_x), c_n.cam, c_n.geo)                                                         (eq. 10)
+
+V is the *EMA generator's* deformable render: its sample points go through the surface-field
+deformation D bound to the image's observation mesh (eq. 4-5), as in training. Noise inputs are held
+constant (``noise_mode="const"``) and ray samples are not jittered, so the objective is a
+deterministic function of w.
+
+The optimiser follows the StyleGAN2 projector: Adam from the mean w, learning rate ramped up over
+the first ``lr_rampup`` of the steps and down with a half cosine over the last ``lr_rampdown``.
+Every image of a batch has its own w and the loss is a sum of per-image terms, and Adam acts
+element-wise, so each image's trajectory does not depend on the rest of its batch.
+
+The neutral condition of eq. 10 is the frontal camera on the default orbit (`geometry.cameras.
+neutral_labels`) and the canonical mesh (beta = 0, psi = 0, jaw at the canonical angle). There the
+observation mesh *is* the canonical mesh, and the surface field maps every point to itself
+(`geometry.deformation`: "D is the identity when observation = canonical", fallback included), so
+x_hat is rendered with the tri-plane sampled at the points themselves (``deformer=None``): the same
+image, without a nearest-triangle search.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import InversionConfig
+
+if TYPE_CHECKING:  # heavy imports stay out of the task schema's import path
+    from ..systems.stage1 import Stage1GAN
+
+
+def learning_rate(step: int, cfg: InversionConfig) -> float:
+    """Adam's rate at ``step`` of ``cfg.steps``: peak * half-cosine ramp-down * linear ramp-up."""
+    t = step / cfg.steps
+    down = min(1.0, (1.0 - t) / cfg.lr_rampdown)
+    down = 0.5 - 0.5 * math.cos(down * math.pi)
+    up = min(1.0, t / cfg.lr_rampup) if cfg.lr_rampup > 0 else 1.0
+    return cfg.lr * down * up
+
+
+@torch.no_grad()
+def mean_w(mapping: torch.nn.Module, cfg: InversionConfig) -> tuple[torch.Tensor, str]:
+    """The starting w (w_dim,) and where it came from ("buffer" or "sampled")."""
+    buffer = getattr(mapping, "w_avg", None)
+    use_buffer = cfg.w_init == "buffer" or (cfg.w_init == "auto" and buffer is not None and bool(buffer.any()))
+    if use_buffer:
+        if buffer is None:
+            raise ValueError("inversion.w_init=buffer: the generator's mapping tracks no w_avg (w_avg_beta is None); "
+                             "use w_init=sampled")
+        return buffer.detach().float().clone(), "buffer"
+    device = next(mapping.parameters()).device
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    total = torch.zeros(mapping.w_dim, dtype=torch.float64, device=device)
+    for start in range(0, cfg.w_avg_samples, 4096):
+        n = min(4096, cfg.w_avg_samples - start)
+        z = torch.randn(n, mapping.z_dim, generator=gen).to(device)
+        w = mapping(z)
+        w = w[:, 0] if w.ndim == 3 else w
+        total += w.double().sum(0)
+    return (total / cfg.w_avg_samples).float(), "sampled"
+
+
+def neutral_condition(morphable, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """c_n.cam and c_n.geo of eq. 10: frontal camera on the default orbit, canonical morphable parameters."""
+    from ..geometry.cameras import neutral_labels
+
+    params = morphable.zero_params(batch)
+    return {"camera": neutral_labels(batch, device=device), "shape": params.shape.to(device),
+            "expression": params.expression.to(device), "pose": morphable.canonical_pose(batch).to(device),
+            "flip": torch.zeros(batch, dtype=torch.bool, device=device)}
+
+
+@dataclass
+class Inversion:
+    """Result of one batch: ``w`` (B, w_dim) in W or (B, num_ws, w_dim) in W+, per-image final
+    ``lpips`` and ``loss`` (LPIPS + pixel term) of that w, its render ``image`` (B,3,H,W) under the
+    image's own condition, and the per-step mean loss ``history`` (steps,)."""
+
+    w: torch.Tensor
+    lpips: torch.Tensor
+    loss: torch.Tensor
+    image: torch.Tensor
+    history: torch.Tensor
+
+
+@dataclass
+class InversionState:
+    """What one batch's optimisation carries between steps."""
+
+    w: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    target: torch.Tensor
+    cond: dict[str, torch.Tensor]
+    deformer: Callable[[torch.Tensor], torch.Tensor] | None
+
+
+class Inverter:
+    """Inverts batches of images into the EMA generator of a Stage-1 system (eq. 9) and re-renders
+    them canonically (eq. 10). ``lpips``: a ready LPIPS module (built from ``cfg.lpips_net`` when None)."""
+
+    def __init__(self, system: "Stage1GAN", cfg: InversionConfig, lpips: torch.nn.Module | None = None) -> None:
+        cfg.validate()
+        self.system = system
+        self.G = system.G_ema.eval().requires_grad_(False)
+        self.cfg = cfg
+        self.device = next(self.G.parameters()).device
+        if lpips is None:
+            from ..metrics.lpips import build_lpips
+
+            lpips = build_lpips(cfg.lpips_net, device=self.device)
+        self.lpips = lpips.eval().requires_grad_(False)
+        self.w_start, self.w_start_source = mean_w(self.G.mapping, cfg)
+        self.w_start = self.w_start.to(self.device)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.G.cfg.img_resolution)
+
+    def broadcast(self, w: torch.Tensor) -> torch.Tensor:
+        """ws (B, num_ws, w_dim) of optimised w (W: (B, w_dim) repeated; W+: as is)."""
+        return w.unsqueeze(1).expand(-1, self.G.num_ws, -1) if w.ndim == 2 else w
+
+    def render(self, w: torch.Tensor, cond: dict[str, torch.Tensor], deformer) -> torch.Tensor:
+        out = self.G.synthesis(self.broadcast(w), cond["camera"], deformer=deformer, noise_mode="const", perturb=False)
+        return out["image"]
+
+    def objective(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image (LPIPS, total loss), both (B,): eq. 9's distance plus the optional pixel term."""
+        size = self.cfg.lpips_resolution
+        a, b = image, target
+        if size and size < image.shape[-1]:
+            a = F.interpolate(image, size=(size, size), mode="area")
+            b = F.interpolate(target, size=(size, size), mode="area")
+        distance = self.lpips(a, b).flatten()
+        loss = distance
+        if self.cfg.pixel_weight > 0:
+            loss = loss + self.cfg.pixel_weight * (image - target).square().flatten(1).mean(1)
+        return distance, loss
+
+    def start(self, images: torch.Tensor, cond: dict[str, torch.Tensor]) -> InversionState:
+        """The optimisation state for ``images`` (B,3,R,R) in [-1, 1] at the generator's output size R
+        under ``cond`` (camera, shape, expression, pose, flip): w at the mean w, Adam, the bound D."""
+        res = self.resolution
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (res, res):
+            raise ValueError(f"images: expected (B,3,{res},{res}) at the generator's output size, got {tuple(images.shape)}")
+        batch = images.shape[0]
+        cond = {k: v.to(self.device) for k, v in cond.items()}
+        with torch.no_grad():
+            deformer = self.system.geometry.deformer(self.system.geometry.observation(cond))
+        start = self.w_start.expand(batch, -1)
+        if self.cfg.space == "w_plus":
+            start = start.unsqueeze(1).expand(-1, self.G.num_ws, -1)
+        w = start.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([w], lr=self.cfg.lr, betas=tuple(self.cfg.betas))
+        return InversionState(w, optimizer, images.to(self.device, torch.float32), cond, deformer)
+
+    def step(self, state: InversionState, step: int) -> torch.Tensor:
+        """One Adam step of eq. 9 at the scheduled rate; returns the per-image loss before the step."""
+        for group in state.optimizer.param_groups:
+            group["lr"] = learning_rate(step, self.cfg)
+        _, loss = self.objective(self.render(state.w, state.cond, state.deformer), state.target)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        state.optimizer.step()
+        return loss.detach()
+
+    def invert(self, images: torch.Tensor, cond: dict[str, torch.Tensor]) -> Inversion:
+        """Optimise w for ``images`` under ``cond`` for ``cfg.steps`` steps (eq. 9), see ``start``."""
+        state = self.start(images, cond)
+        history = torch.zeros(self.cfg.steps)
+        for step in range(self.cfg.steps):
+            history[step] = self.step(state, step).mean().cpu()
+        with torch.no_grad():  # the reported numbers belong to the w that is returned
+            image = self.render(state.w, state.cond, state.deformer)
+            distance, loss = self.objective(image, state.target)
+        return Inversion(state.w.detach(), distance, loss, image, history)
+
+    @torch.no_grad()
+    def canonical(self, w: torch.Tensor) -> torch.Tensor:
+        """x_hat of eq. 10 (B,3,R,R): the render of ``w`` under the neutral camera and canonical geometry
+        (identity deformation, see the module docstring)."""
+        cond = neutral_condition(self.system.geometry.morphable, w.shape[0], self.device)
+        return self.render(w.to(self.device), cond, deformer=None)

@@ -1,0 +1,378 @@
+"""Canonicalisation (paper sec. 3.3, eq. 9-10) and its cache: inversion recovers generated images, the
+learning-rate schedule, per-image independence in a batch, the canonical render, the sharded cache
+(resume after a kill without recomputation, corrupt shards, stale temporaries, manifest mismatches),
+the raw-embedding ablation, the DataModule reader, and the task end to end with its report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_stage1 import small_config
+
+from clipportrait.canonical.cache import CacheWriter, load_canonical_embeddings, make_identity, read_manifest, sha256_file
+from clipportrait.canonical.config import InversionConfig
+from clipportrait.canonical.inversion import Inverter, learning_rate, mean_w, neutral_condition
+from clipportrait.canonical.pipeline import canonicalize_dataset
+from clipportrait.data.datamodule import PortraitDataset, load_clip_cache
+from clipportrait.data.format import write_dataset
+from clipportrait.errors import UserError
+from clipportrait.geometry.cameras import sample_ffhq_like
+from clipportrait.geometry.deformation import DeformationConfig
+from clipportrait.lvlm import LVLMConfig, build_clip
+from clipportrait.metrics.evaluation import dataset_content_hash
+from clipportrait.metrics.lpips import build_lpips
+from clipportrait.systems.stage1 import CHECKPOINT_KEY, Stage1GAN
+
+RES = 32
+NUM_IMAGES = 6
+
+
+def _save_checkpoint(system: Stage1GAN, path) -> None:
+    torch.save({"state_dict": system.state_dict(),
+                CHECKPOINT_KEY: {"kind": "Stage1GAN", "config": system.cfg.as_dict(), "step": 0}}, path)
+
+
+def _generated_dataset(system: Stage1GAN, path, count: int, seed: int):
+    """Images the EMA generator renders from known z under random cameras and morphable parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    params = system.geometry.morphable.sample_params(count, generator=gen)
+    cond = {"camera": sample_ffhq_like(count, generator=gen), "shape": params.shape, "expression": params.expression,
+            "pose": params.pose, "flip": torch.zeros(count, dtype=torch.bool)}
+    z = torch.randn(count, system.cfg.backbone.z_dim, generator=gen)
+    with torch.no_grad():
+        images = system.generate(z, cond, G=system.G_ema, noise_mode="const")["image"]
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    names = {f"img{i:05d}.png": pixels[i] for i in range(count)}
+    write_dataset(path, names, cond["camera"].numpy(), params.shape.numpy(), params.expression.numpy(),
+                  params.pose.numpy())
+    return path, system.G_ema.mapping(z)[:, 0].detach()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny Stage-1 system (deformation off: the CPU search would dominate the suite), its checkpoint,
+    a dataset it generated, LPIPS-VGG and a random-weights tiny CLIP (nothing is downloaded)."""
+    root = tmp_path_factory.mktemp("canon")
+    torch.manual_seed(0)
+    system = Stage1GAN(small_config()).eval()
+    checkpoint = root / "stage1.ckpt"
+    _save_checkpoint(system, checkpoint)
+    data, _ = _generated_dataset(system, root / "data", NUM_IMAGES, seed=1)
+    return {"root": root, "system": system, "checkpoint": checkpoint, "data": data,
+            "lpips": build_lpips("vgg"), "clip": build_clip(LVLMConfig(kind="random", weights=None, random_seed=3))}
+
+
+def _inverter(world, **changes) -> Inverter:
+    cfg = InversionConfig(w_avg_samples=2000, **changes)
+    return Inverter(world["system"], cfg, lpips=world["lpips"])
+
+
+def _batch(world, rows, data=None):
+    dataset = PortraitDataset(world["data"] if data is None else data, resolution=RES)
+    items = [dataset[i] for i in rows]
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    return batch["image"], {k: batch[k] for k in ("camera", "shape", "expression", "pose", "flip")}
+
+
+def _writer(world, out, embed="canonical", shard_size=2, config=None, **kwargs) -> CacheWriter:
+    identity = make_identity(embed=embed, stage1_sha256=sha256_file(world["checkpoint"]) if embed == "canonical" else None,
+                             lvlm_model_id=world["clip"].model_id, dataset_hash=dataset_content_hash(world["data"]),
+                             num_items=NUM_IMAGES, shard_size=shard_size, config=config or {"steps": 2})
+    return CacheWriter(out, identity, {"note": "test"}, **kwargs)
+
+
+class CountingInverter:
+    """Wraps an Inverter, counts invert() calls, and can fail after a number of them (a kill)."""
+
+    def __init__(self, inner: Inverter, fail_after: int | None = None):
+        self.inner, self.calls, self.fail_after = inner, 0, fail_after
+
+    def invert(self, images, cond):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated kill")
+        self.calls += 1
+        return self.inner.invert(images, cond)
+
+    def canonical(self, w):
+        return self.inner.canonical(w)
+
+
+# ----------------------------------------------------------------------------- inversion (eq. 9-10)
+
+
+def test_learning_rate_schedule_matches_hand_values():
+    """StyleGAN2-projector schedule: linear ramp-up over 5 % of the steps, half-cosine ramp-down over the last 25 %."""
+    cfg = InversionConfig(steps=100, lr=0.1, lr_rampup=0.05, lr_rampdown=0.25)
+    assert learning_rate(0, cfg) == 0.0
+    assert learning_rate(2, cfg) == pytest.approx(0.1 * 0.4)
+    assert learning_rate(50, cfg) == pytest.approx(0.1)
+    assert learning_rate(90, cfg) == pytest.approx(0.1 * (0.5 - 0.5 * math.cos(0.4 * math.pi)))
+    assert learning_rate(99, cfg) == pytest.approx(0.1 * (0.5 - 0.5 * math.cos(0.04 * math.pi)))
+    assert learning_rate(0, InversionConfig(steps=10, lr_rampup=0.0)) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="inversion.space='z'"):
+        InversionConfig(space="z").validate()
+
+
+def test_inversion_of_generated_images_reduces_lpips_by_a_large_factor(world):
+    """Images the generator made from known w, inverted from the mean w with the deformable render under
+    their own camera and mesh: the final LPIPS is at least 3x below the LPIPS of the starting w, for the
+    batch mean and for every image; the reported LPIPS is that of the returned w."""
+    inverter = _inverter(world, steps=30)
+    images, cond = _batch(world, range(4))
+    start = inverter.w_start.expand(4, -1)
+    deformer = inverter.system.geometry.deformer(inverter.system.geometry.observation(cond))
+    with torch.no_grad():
+        before, _ = inverter.objective(inverter.render(start, cond, deformer), images)
+    result = inverter.invert(images, cond)
+    assert result.w.shape == (4, world["system"].cfg.backbone.w_dim)
+    assert result.history[-1] < result.history[1]
+    assert before.mean() >= 3 * result.lpips.mean(), (before, result.lpips)
+    assert (result.lpips < before / 2).all(), (before, result.lpips)
+    with torch.no_grad():
+        again, _ = inverter.objective(inverter.render(result.w, cond, deformer), images)
+    assert torch.allclose(again, result.lpips, atol=1e-6)
+
+
+def test_each_image_of_a_batch_is_optimised_independently_and_w_plus_has_a_w_per_layer(world):
+    """Per-image losses and element-wise Adam: inverting [a, b] gives the w that inverting a alone gives."""
+    inverter = _inverter(world, steps=4, pixel_weight=0.5)
+    images, cond = _batch(world, [0, 1])
+    both = inverter.invert(images, cond)
+    alone = inverter.invert(images[:1], {k: v[:1] for k, v in cond.items()})
+    assert torch.allclose(both.w[:1], alone.w, atol=1e-5)
+    assert not torch.allclose(both.w[0], inverter.w_start)
+    plus = _inverter(world, steps=2, space="w_plus").invert(images, cond)
+    assert plus.w.shape == (2, world["system"].G_ema.num_ws, world["system"].cfg.backbone.w_dim)
+    assert not torch.allclose(plus.w[:, 0], plus.w[:, -1])  # the layers move apart
+
+
+def test_mean_w_is_the_mean_of_mapped_latents(world):
+    """w_init=sampled: the float64 mean of G_ema's mapping over the seeded z; auto falls back to it when
+    the tracked w_avg buffer was never updated (all zeros), and uses the buffer once it has values."""
+    mapping = world["system"].G_ema.mapping
+    cfg = InversionConfig(w_avg_samples=300, seed=5)
+    w, source = mean_w(mapping, cfg)
+    z = torch.randn(300, mapping.z_dim, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = mapping(z)[:, 0].double().mean(0).float()
+    assert source == "sampled" and torch.allclose(w, reference, atol=1e-6)
+    saved = mapping.w_avg.clone()
+    try:
+        mapping.w_avg.fill_(0.25)
+        w, source = mean_w(mapping, cfg)
+        assert source == "buffer" and torch.equal(w, mapping.w_avg)
+    finally:
+        mapping.w_avg.copy_(saved)
+
+
+def test_objective_renders_through_the_image_mesh_and_x_hat_through_the_identity(world, tmp_path):
+    """Surface field on (the same weights): images made at known w under their own meshes are reproduced
+    by the objective's render at that w (LPIPS only from 8-bit quantisation and clipping) and not when the field is
+    bound to the other image's mesh; x_hat (eq. 10, no deformer) equals the render with the field bound
+    to the canonical mesh under the frontal camera, and differs from a posed render."""
+    system = Stage1GAN(small_config(deformation=DeformationConfig(enabled=True, backend="torch"))).eval()
+    system.load_state_dict(world["system"].state_dict())
+    data, w_true = _generated_dataset(system, tmp_path / "deformed", 2, seed=4)
+    inverter = Inverter(system, InversionConfig(steps=1, w_avg_samples=200), lpips=world["lpips"])
+    images, cond = _batch(world, [0, 1], data)
+    swapped = {k: (v.roll(1, 0) if k in ("shape", "expression", "pose") else v) for k, v in cond.items()}
+    geometry = system.geometry
+    with torch.no_grad():  # clamped: the stored targets are clipped to [-1, 1], random-weight renders are not
+        own, _ = inverter.objective(
+            inverter.render(w_true, cond, geometry.deformer(geometry.observation(cond))).clamp(-1, 1), images)
+        other, _ = inverter.objective(
+            inverter.render(w_true, cond, geometry.deformer(geometry.observation(swapped))).clamp(-1, 1), images)
+    assert (own < 0.02).all() and (other > 2 * own).all(), (own, other)
+
+    x_hat = inverter.canonical(w_true)
+    neutral = neutral_condition(geometry.morphable, 2, torch.device("cpu"))
+    assert torch.allclose(neutral["camera"][:, 3], torch.zeros(2)) and (neutral["camera"][:, 11] > 0).all()  # +z axis
+    with torch.no_grad():
+        reference = inverter.render(w_true, neutral, geometry.deformer(geometry.observation(neutral)))
+        posed = inverter.render(w_true, cond, geometry.deformer(geometry.observation(cond)))
+    assert torch.allclose(x_hat, reference, atol=1e-4)
+    assert (posed - x_hat).abs().mean() > 1e-2
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def test_killed_run_resumes_without_recomputing_finished_shards(world, tmp_path):
+    """3 shards of 2 images; a kill while computing shard 2 leaves shards 0-1 finished and no partial
+    file; the rerun computes only shard 2 and the cache equals an uninterrupted run's. Stored r is
+    E_img of the canonical render of the stored w."""
+    dataset = PortraitDataset(world["data"], resolution=RES)
+    clip = world["clip"]
+    killed = CountingInverter(_inverter(world, steps=2), fail_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        canonicalize_dataset(dataset, clip, _writer(world, tmp_path / "cache"), "canonical", killed, batch_size=2)
+    manifest = read_manifest(tmp_path / "cache")
+    assert sorted(manifest["shards"]) == ["shard-00000.npz", "shard-00001.npz"] and not manifest["complete"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["manifest.json", "shard-00000.npz",
+                                                                      "shard-00001.npz"]
+    with pytest.raises(UserError, match="incomplete"):
+        load_canonical_embeddings(tmp_path / "cache", dataset.index.names)
+
+    resumed = CountingInverter(_inverter(world, steps=2))
+    stats = canonicalize_dataset(dataset, clip, _writer(world, tmp_path / "cache"), "canonical", resumed, batch_size=2)
+    assert resumed.calls == 1 and stats["shards_reused"] == 2 and stats["shards_computed"] == 1
+    full = CountingInverter(_inverter(world, steps=2))
+    canonicalize_dataset(dataset, clip, _writer(world, tmp_path / "full"), "canonical", full, batch_size=2)
+    assert full.calls == 3
+    a = load_canonical_embeddings(tmp_path / "cache", dataset.index.names)
+    b = load_canonical_embeddings(tmp_path / "full", dataset.index.names)
+    assert np.allclose(a[0], b[0], atol=1e-6) and np.allclose(a[1], b[1], atol=1e-6)
+
+    with np.load(tmp_path / "cache" / "shard-00002.npz") as shard:
+        names, w, r, r_flipped, lpips = (shard[k] for k in ("names", "w", "r", "r_flipped", "lpips"))
+        assert shard["canonical"].shape == (2, RES, RES, 3) and shard["canonical"].dtype == np.uint8
+    assert list(names) == dataset.index.names[4:6] and lpips.shape == (2,)
+    x_hat = full.canonical(torch.from_numpy(w))
+    with torch.no_grad():
+        assert np.allclose(r, clip.encode_images(x_hat.clamp(-1, 1)).numpy(), atol=1e-5)
+        assert np.allclose(r_flipped, clip.encode_images(x_hat.clamp(-1, 1).flip(-1)).numpy(), atol=1e-5)
+
+
+def test_corrupt_truncated_and_unrecorded_shards_are_detected(world, tmp_path, monkeypatch):
+    """A shard whose bytes changed, a truncated shard, and a shard written just before a kill (not yet
+    in the manifest) are recomputed by the writer, one inversion each; the reader refuses a corrupt one;
+    on_corrupt=error refuses too; a stale temporary file from a kill inside a write is removed."""
+    dataset = PortraitDataset(world["data"], resolution=RES)
+    out = tmp_path / "cache"
+    canonicalize_dataset(dataset, world["clip"], _writer(world, out, embed="raw"), "raw", batch_size=2, render_size=0)
+    shard = out / "shard-00001.npz"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"shard-00001.npz is sha256 .* \(corrupt\)"):
+        load_canonical_embeddings(out, dataset.index.names)
+    with pytest.raises(UserError, match="shard-00001.npz is sha256"):
+        _writer(world, out, embed="raw", on_corrupt="error").pending()
+    (out / "shard-00002.npz").write_bytes((out / "shard-00002.npz").read_bytes()[:100])
+    (out / ".shard-00000.npz.x1y2.tmp").write_bytes(b"half")
+    writer = _writer(world, out, embed="raw")
+    assert not (out / ".shard-00000.npz.x1y2.tmp").exists()
+    assert writer.pending() == [1, 2]
+
+    # A kill between the shard rename and the manifest update: the file exists, the manifest lacks it.
+    calls = []
+    original = CacheWriter._save_manifest
+
+    def save_then_die(self):
+        if len(self.manifest["shards"]) == 3 and not calls:
+            calls.append(1)
+            raise KeyboardInterrupt("simulated kill")
+        original(self)
+
+    monkeypatch.setattr(CacheWriter, "_save_manifest", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        canonicalize_dataset(dataset, world["clip"], writer, "raw", batch_size=2, render_size=0)
+    monkeypatch.setattr(CacheWriter, "_save_manifest", original)
+    again = _writer(world, out, embed="raw")
+    assert again.pending() == [2]
+    canonicalize_dataset(dataset, world["clip"], again, "raw", batch_size=2, render_size=0)
+    r, _ = load_canonical_embeddings(out, dataset.index.names)
+    with torch.no_grad():
+        assert np.allclose(r, world["clip"].encode_images(_batch(world, range(NUM_IMAGES))[0]).numpy(), atol=1e-5)
+
+
+def test_raw_embedding_skips_inversion(world, tmp_path, monkeypatch):
+    """embed=raw (Fig. 4 ablation): no inversion runs; r is E_img of the dataset image, r_flipped of its mirror."""
+    monkeypatch.setattr(Inverter, "invert", lambda *a, **k: pytest.fail("raw embedding must not invert"))
+    dataset = PortraitDataset(world["data"], resolution=RES)
+    canonicalize_dataset(dataset, world["clip"], _writer(world, tmp_path / "raw", embed="raw", shard_size=4), "raw",
+                         batch_size=3)
+    with np.load(tmp_path / "raw" / "shard-00000.npz") as shard:
+        assert sorted(shard.files) == ["names", "r", "r_flipped"]
+    r, r_flipped = load_canonical_embeddings(tmp_path / "raw", dataset.index.names)
+    images = _batch(world, range(NUM_IMAGES))[0]
+    with torch.no_grad():
+        assert np.allclose(r, world["clip"].encode_images(images).numpy(), atol=1e-5)
+        assert np.allclose(r_flipped, world["clip"].encode_images(images.flip(-1)).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="needs an Inverter"):
+        canonicalize_dataset(dataset, world["clip"], _writer(world, tmp_path / "c"), "canonical")
+
+
+def test_datamodule_reads_a_matching_cache_and_refuses_other_datasets_and_checkpoints(world, tmp_path):
+    """data.clip_cache=<dir>: items carry r (flipped copies r_flipped); a cache of another dataset or,
+    when the caller names one, another Stage-1 checkpoint is refused naming both hashes; a writer with
+    other inputs refuses the directory unless overwrite."""
+    out = tmp_path / "cache"
+    dataset = PortraitDataset(world["data"], resolution=RES)
+    canonicalize_dataset(dataset, world["clip"], _writer(world, out, embed="raw", shard_size=4), "raw", batch_size=6)
+    served = PortraitDataset(world["data"], resolution=RES, flip=True, clip_cache=str(out))
+    r, r_flipped = load_canonical_embeddings(out, served.index.names)
+    assert np.array_equal(served[1]["clip_embedding"].numpy(), r[1])
+    assert np.array_equal(served[NUM_IMAGES + 1]["clip_embedding"].numpy(), r_flipped[1])
+
+    other, _ = _generated_dataset(world["system"], tmp_path / "other", 2, seed=9)
+    expected, actual = dataset_content_hash(world["data"]), dataset_content_hash(other)
+    with pytest.raises(UserError, match=f"dataset content hash {expected}.*hashes to {actual}"):
+        PortraitDataset(other, resolution=RES, clip_cache=str(out))
+
+    canonical = tmp_path / "canonical"
+    canonicalize_dataset(dataset, world["clip"], _writer(world, canonical, shard_size=6), "canonical",
+                         _inverter(world, steps=1), batch_size=6, render_size=0)
+    load_clip_cache(canonical, dataset.index.names, world["data"], stage1_checkpoint=world["checkpoint"])
+    retrained = tmp_path / "retrained.ckpt"
+    system = Stage1GAN(world["system"].cfg)
+    _save_checkpoint(system, retrained)
+    with pytest.raises(UserError, match=f"sha256 {sha256_file(world['checkpoint'])}.* has {sha256_file(retrained)}"):
+        load_clip_cache(canonical, dataset.index.names, world["data"], stage1_checkpoint=retrained)
+
+    with pytest.raises(UserError, match=r"shard_size: cache has 4, this run has 2"):
+        _writer(world, out, embed="raw", shard_size=2)
+    assert _writer(world, out, embed="raw", shard_size=2, overwrite=True).pending() == [0, 1, 2]
+    assert not (out / "shard-00000.npz").exists()
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+def test_task_writes_cache_report_and_metrics(world, tmp_path):
+    """task=canonicalize through the composed config: manifest with checkpoint sha256, LVLM id, dataset
+    hash and config; report (histogram, worst/best grids, per-image LPIPS sorted worst first); summary
+    numbers in the result and metrics.jsonl; a second run reuses every shard."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from clipportrait.cli import CONF_DIR
+    from clipportrait.config import register_configs
+    from clipportrait.tasks import canonicalize
+    from clipportrait.tasks.base import RunContext
+
+    register_configs()
+    out = tmp_path / "cache"
+    overrides = ["task=canonicalize", f"task.checkpoint={world['checkpoint']}", f"data.path={world['data']}",
+                 f"task.out={out}", "lvlm=random", "lvlm.random_seed=3", "task.inversion.steps=3",
+                 "task.inversion.w_avg_samples=500", "task.shard_size=4", "task.batch_size=4", "task.report_cases=3",
+                 "task.render_size=16", f"paths.root_dir={tmp_path}"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+    ctx = RunContext(run_dir=tmp_path / "run")
+    result = canonicalize.run(cfg, ctx)
+    manifest = read_manifest(out)
+    assert manifest["complete"] and manifest["num_shards"] == 2 and manifest["embed"] == "canonical"
+    assert manifest["stage1_sha256"] == sha256_file(world["checkpoint"])
+    assert manifest["lvlm_model_id"] == world["clip"].model_id
+    assert manifest["dataset_hash"] == dataset_content_hash(world["data"])
+    assert manifest["config"]["inversion"]["steps"] == 3 and manifest["config"]["resolution"] == RES
+    for name in ("lpips_histogram.png", "worst.png", "best.png", "per_image.json"):
+        assert (out / "report" / name).stat().st_size > 0, name
+    per_image = json.loads((out / "report" / "per_image.json").read_text())["lpips"]
+    values = list(per_image.values())
+    assert len(values) == NUM_IMAGES and values == sorted(values, reverse=True)
+    assert result["lpips_mean"] == pytest.approx(np.mean(values)) and result["lpips_max"] == values[0]
+    summary = [r for r in ctx.metrics.read() if r["event"] == "canonicalize/summary"]
+    assert len(summary) == 1 and summary[0]["lpips_median"] == pytest.approx(np.median(values))
+    assert [r["shard"] for r in ctx.metrics.read() if r["event"] == "canonicalize/shard"] == [0, 1]
+    with np.load(out / "shard-00000.npz") as shard:  # renders stored at task.render_size
+        assert shard["inverted"].shape == shard["canonical"].shape == (4, 16, 16, 3)
+    again = canonicalize.run(cfg, RunContext(run_dir=tmp_path / "run2"))
+    assert again["shards_reused"] == 2 and again["shards_computed"] == 0
