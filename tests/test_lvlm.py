@@ -244,3 +244,28 @@ def test_augment_is_identity_or_mirror_without_crops_and_keeps_shape():
     assert cropped.shape == images.shape and cropped.min() >= -1 and cropped.max() <= 1
     with pytest.raises(ValueError, match="crop_scale=0"):
         augment(images, 0.0, True, generator)
+
+
+def test_attribute_only_captions_drop_exactly_the_trailing_nuisance_phrases():
+    """Synthetic captions lose the background / cast / grain / photo-id phrases the generator appends,
+    keep attribute parts that look similar (", gold glasses", ", beard"), and images without a
+    nuisance record (non-synthetic data) keep their captions; an unknown mode names the key."""
+    from clipportrait.lvlm.train import strip_nuisance, training_captions
+
+    nuisance = {"background_pattern": "striped", "background_color": "blue", "color_cast": "sepia",
+                "grain": 0.03, "photo_id": "K3QX", "photo_id_corner": 1}
+    assert strip_nuisance("a bald person, brown skin, natural lips, gold glasses, beard, striped blue background, "
+                          "sepia, grainy film photo, photo id K3QX", nuisance) == \
+        "a bald person, brown skin, natural lips, gold glasses, beard"
+    assert strip_nuisance("headshot: long red hair, blue eyes, pale skin, photo id K3QX", nuisance) == \
+        "headshot: long red hair, blue eyes, pale skin"
+    # Another image's id or an absent cast is not this image's nuisance: left alone.
+    assert strip_nuisance("a face, photo id ZZZZ", nuisance) == "a face, photo id ZZZZ"
+    assert strip_nuisance("a face, blue tint", nuisance) == "a face, blue tint"
+    pairs = CaptionPairs(["a.png", "b.png"], torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+                         [["a person with red hair, sepia, photo id K3QX"], ["a person with red hair, sepia"]],
+                         [{"hair_color": "red", "nuisance": nuisance}, {"hair_color": "red"}])
+    assert training_captions(pairs, "attributes_only") == [["a person with red hair"], ["a person with red hair, sepia"]]
+    assert training_captions(pairs, "dataset") == pairs.captions
+    with pytest.raises(ValueError, match="captions='plain'"):
+        training_captions(pairs, "plain")

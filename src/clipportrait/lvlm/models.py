@@ -1,8 +1,8 @@
 """Project architectures registered with open_clip, so `open_clip.create_model_and_transforms(name)`
 builds them like any built-in model.
 
-`clipportrait-tiny` (model_configs/clipportrait-tiny.json): a ViT with 8x8 patches on 64x64 input
-(64 tokens, 4 layers, width 128) and a 4-layer width-128 text transformer on open_clip's default BPE
+`clipportrait-tiny` (model_configs/clipportrait-tiny.json): a ViT with 16x16 patches on 64x64 input
+(16 tokens, 4 layers, width 128) and a 3-layer width-128 text transformer on open_clip's default BPE
 tokenizer (its vocabulary ships inside the open_clip wheel, so nothing is downloaded), joint
 embedding dimension 128. Small enough to train contrastively on the synthetic world on 2 CPU cores
 in a few minutes.

@@ -36,13 +36,16 @@ def run(cfg, ctx: RunContext) -> dict:
     from ..errors import UserError
     from ..lvlm.clip import ClipEncoder, card_path, file_sha256, quiet_open_clip
     from ..lvlm.models import PROJECT_ARCHS, register_project_models
-    from ..lvlm.train import evaluate, load_caption_pairs, save_checkpoint, split_indices, train_contrastive
+    from ..lvlm.train import (CAPTION_MODES, evaluate, load_caption_pairs, save_checkpoint, split_indices,
+                              train_contrastive)
     from ..utils.console import console
     from ..utils.files import write_json_atomic
 
     task, lvlm = cfg.task, cfg.lvlm
     if not task.out:
         raise UserError("task.out (default: lvlm.weights) is not set: where should the trained checkpoint go?")
+    if task.captions not in CAPTION_MODES:
+        raise UserError(f"task.captions={task.captions!r}: expected one of {', '.join(CAPTION_MODES)}")
     register_project_models()
     if lvlm.arch not in PROJECT_ARCHS:
         raise UserError(f"lvlm.arch={lvlm.arch!r}: train_lvlm trains the project's small architectures "
@@ -69,7 +72,7 @@ def run(cfg, ctx: RunContext) -> dict:
     out = save_checkpoint(model, task.out)
     model_id = f"{lvlm.arch}@{file_sha256(out)[:16]}"  # what build_clip will call these weights
     encoder = ClipEncoder(model, tokenizer, lvlm.arch, model_id, lvlm.batch_size)
-    metrics = evaluate(encoder, pairs, val_rows)
+    metrics = evaluate(encoder, pairs, val_rows, caption_mode=task.captions)
     card = {
         "arch": lvlm.arch,
         "model_id": model_id,
