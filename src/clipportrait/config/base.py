@@ -36,6 +36,8 @@ class TrainerConfig:
     num_sanity_val_steps: int = 0
     enable_progress_bar: bool = True
     allow_tf32: bool = True  # torch.backends matmul/cudnn TF32 on GPU
+    benchmark: bool = False  # cudnn.benchmark: autotune convolutions (slow first step, faster after)
+    max_time: Optional[str] = None  # wall-clock limit "DD:HH:MM:SS"; training then ends as at max_steps
 
 
 @dataclass

@@ -327,8 +327,8 @@ class Stage1GAN(L.LightningModule):
         self.step_count += 1
         beta = ema_beta(self.global_batch, self.images_seen, cfg.optim.ema_kimg, cfg.optim.ema_rampup)
         update_ema(self.G_ema, self.G, beta)
-        self._record("schedule/blur_sigma", torch.tensor(self.blur_sigma(step)))
-        self._record("schedule/ema_beta", torch.tensor(beta))
+        self._record("schedule/blur_sigma", torch.tensor(self.blur_sigma(step), device=self.device))
+        self._record("schedule/ema_beta", torch.tensor(beta, device=self.device))
         if self.step_count >= cfg.max_steps:
             self.trainer.should_stop = True
 

@@ -71,6 +71,7 @@ def build_trainer(cfg, ctx: RunContext, callbacks: list):
         callbacks=callbacks, log_every_n_steps=t.log_every_n_steps, deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar, num_sanity_val_steps=0, use_distributed_sampler=False,
         enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(ctx.run_dir),
+        benchmark=t.benchmark, max_time=t.max_time,
     )
 
 
