@@ -32,23 +32,45 @@ def test_make_synthetic_then_check_data_then_a_broken_copy(run_cli, tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_skips_them_on_rerun(run_cli, tmp_path):
-    """experiment=demo at toy size runs data → check → geometry → generator → metrics, writes the
-    index page with its images, records FID/KID with the protocol, and a rerun skips every stage."""
-    args = ["experiment=demo", *TINY, "task.preview_samples=2", "task.fid_samples=4", "task.overlay_size=64",
-            "deformation=none"]
+    """experiment=demo at toy size runs data → check → geometry → stage1 (a few training steps with the
+    surface-field deformation), writes the index page with its images, records FID/KID before and after
+    training with the protocol, and a rerun skips every stage."""
+    args = ["experiment=demo", *TINY, "task.preview_samples=2", "task.overlay_size=64", "task.stage1_steps=2",
+            "task.stage1_grid_every_steps=0", "evaluation.fid_samples=4", "evaluation.kid_subset_size=4",
+            "evaluation.real_max=8", "data.batch_size=2"]
     proc = run_cli(*args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     demo = tmp_path / "outputs" / "demo"
     index = (demo / "index.md").read_text()
-    for stage in ("data", "check", "geometry", "generator", "metrics"):
+    for stage in ("data", "check", "geometry", "stage1"):
         assert (demo / stage / "result.json").exists()
         assert f"## {stage}" in index
-    for image in ("geometry/overlays.png", "geometry/mesh_renders.png", "generator/generator.png"):
+    for image in ("geometry/overlays.png", "geometry/mesh_renders.png", "stage1/grid.png", "stage1/renders.png"):
         assert (demo / image).stat().st_size > 0 and image in index
-    fid = json.loads((demo / "metrics" / "result.json").read_text())
-    assert fid["fid"] == fid["fid"] and fid["fid"] >= 0  # finite, not NaN
-    assert fid["protocol"]["feature_sha256"]
+    stage1 = json.loads((demo / "stage1" / "result.json").read_text())
+    assert stage1["steps"] == 2 and stage1["deformation"] is True
+    assert [step for step, _ in stage1["fid_curve"]] == [0, 2]
+    assert all(fid == fid and fid >= 0 for _, fid in stage1["fid_curve"])  # finite, not NaN
+    assert stage1["protocol"]["feature_sha256"] and (demo / "stage1" / "run" / "checkpoints" / "last.ckpt").exists()
 
     proc = run_cli(*args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stderr.count("done earlier, skipped") == 5
+    assert proc.stderr.count("done earlier, skipped") == 4
+
+
+@pytest.mark.slow
+def test_stage1_regulariser_sweep(run_cli, tmp_path):
+    """`-m task=train_stage1 experiment=demo regularizer.r1_gamma=0.5,1` runs one training job per value,
+    each in its own run directory with its own config, checkpoint and FID record."""
+    proc = run_cli("-m", "task=train_stage1", "experiment=demo", "regularizer.r1_gamma=0.5,1", *TINY, "debug=fast",
+                   "deformation=none", "data.batch_size=2", "evaluation.fid_samples=4", "evaluation.kid_subset_size=4",
+                   "evaluation.real_max=8", "task.grid_every_steps=0", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    jobs = sorted((tmp_path / "outputs" / "multirun" / "train_stage1").glob("*/[0-9]"))
+    assert len(jobs) == 2
+    for job, gamma in zip(jobs, ("0.5", "1")):
+        assert f"r1_gamma: {gamma}" in (job / "config_resolved.yaml").read_text()
+        assert (job / "checkpoints" / "last.ckpt").exists()
+        records = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if r["event"] == "train"][-1] == 2
+        assert sum(r["event"] == "evaluation" for r in records) == 1

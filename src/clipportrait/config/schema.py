@@ -16,6 +16,8 @@ from omegaconf import MISSING
 from ..data.config import DataConfig
 from ..geometry.deformation import DeformationConfig
 from ..geometry.morphable.config import MorphableConfig
+from ..losses.config import RegularizerConfig
+from ..metrics.config import EvaluationConfig
 from ..lvlm.config import LVLMConfig
 from ..nn.config import BackboneConfig, DiscriminatorConfig
 from .base import LoggerConfig, PathsConfig, TrainerConfig
@@ -31,6 +33,8 @@ class Config:
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     deformation: DeformationConfig = field(default_factory=DeformationConfig)
     lvlm: LVLMConfig = field(default_factory=LVLMConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0

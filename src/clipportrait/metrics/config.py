@@ -18,6 +18,7 @@ class EvaluationConfig:
     seed: int = 123
     every_kimg: float = 100.0  # during training (0: not periodically)
     at_end: bool = True  # during training: once more when training ends
+    at_start: bool = False  # during training: also before the first step (the start of the FID curve)
 
     def validate(self) -> None:
         for name in ("fid_samples", "kid_subset_size", "batch_size"):

@@ -113,6 +113,10 @@ class FidEvaluation(Callback):
         if crossed(before, after, self.settings.every_kimg * 1000):
             self.evaluate(trainer, pl_module)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.settings.at_start and pl_module.step_count == 0:
+            self.evaluate(trainer, pl_module)
+
     def on_train_end(self, trainer, pl_module) -> None:
         if self.settings.at_end and self.last_step != pl_module.step_count:
             self.evaluate(trainer, pl_module)

@@ -15,6 +15,8 @@ TASKS: dict[str, str] = {
     "demo": "clipportrait.tasks.demo",
     "make_synthetic": "clipportrait.tasks.make_synthetic",
     "check_data": "clipportrait.tasks.check_data",
+    "train_stage1": "clipportrait.tasks.train_stage1",
+    "evaluate": "clipportrait.tasks.evaluate",
     "canonicalize": "clipportrait.tasks.canonicalize",
     "train_lvlm": "clipportrait.tasks.train_lvlm",
     "info": "clipportrait.tasks.info",

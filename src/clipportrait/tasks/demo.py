@@ -7,10 +7,9 @@ stages, ``task.force=true`` redoes them):
 2. check      validate it (check_data); problems stop the demo with their list
 3. geometry   overlay each image's morphable mesh + landmarks under its camera, and the
               world-coordinate mesh render that conditions the discriminator (eq. 12)
-4. generator  untrained deformable tri-plane generator: renders + depth with the surface-field
-              deformation (eq. 4-5) driven by the dataset's morphable parameters
-5. metrics    FID/KID (offline Inception) of those samples against the real images — the protocol
-              and numbers go to metrics.jsonl (untrained, so the values are a baseline, not a result)
+4. stage1     train the Stage-1 deformable 3D GAN (task=train_stage1) for ``stage1_steps`` steps:
+              FID/KID before and after (`evaluation` group, quick protocol), the fixed-seed sample
+              grid, renders + depth of the EMA generator, and the checkpoint later stages start from
 
 ``index.md`` in ``out_dir`` shows the images and numbers and says what is not built yet.
 """
@@ -28,7 +27,6 @@ from .base import RunContext, TaskConfig
 DESCRIPTION = "the whole chain that exists so far on the synthetic default; writes an index page"
 
 NOT_YET = [
-    "Stage-1 GAN training (task=train_stage1)",
     "canonicalisation + CLIP cache (task=canonicalize), small LVLM (task=train_lvlm)",
     "Stage-2 text conditioning (task=train_stage2) and text-to-portrait generation (task=generate)",
 ]
@@ -39,8 +37,9 @@ class Schema(TaskConfig):
     name: str = "demo"
     out_dir: str = "${paths.output_dir}/demo"
     preview_samples: int = 8
-    fid_samples: int = 32
     overlay_size: int = 256  # images are upscaled to this size before the mesh is drawn on them
+    stage1_steps: int = 120  # Stage-1 training steps (batch data.batch_size); ~8 min on 2 CPU cores
+    stage1_grid_every_steps: int = 50
     force: bool = False
 
 
@@ -167,80 +166,53 @@ class Demo:
                 "vertices": model.num_vertices, "faces": int(model.faces.shape[0]),
                 "simplified_faces": int(model.simplified_faces.shape[0])}
 
-    def _generator_samples(self, n: int, seed: int):
-        """n untrained-generator renders with the surface-field deformation of sampled conditioning."""
-        import torch
+    def stage1(self, folder: Path) -> dict:
+        import copy
+        import dataclasses
 
-        from ..data.datamodule import ConditioningSampler, observation_vertices
-        from ..geometry.deformation import SurfaceFieldDeformation
-        from ..nn.config import build_generator
-
-        torch.manual_seed(self.cfg.seed)
-        G = build_generator(self.cfg.backbone).eval()
-        model = self._morphable()
-        deform = SurfaceFieldDeformation(model.simplified_faces, self.cfg.deformation)
-        canon = model.simplify(model.canonical_vertices(1))
-        cond = ConditioningSampler(self._dataset(), seed=seed).sample(n)
-        z = torch.randn(n, self.cfg.backbone.z_dim, generator=torch.Generator().manual_seed(seed))
-        outs = []
-        with torch.no_grad():
-            for i in range(0, n, 8):
-                part = {k: v[i:i + 8] for k, v in cond.items()}
-                obs = model.simplify(observation_vertices(part, model))
-
-                def deformer(points, obs=obs):
-                    return deform(points, obs, canon)
-
-                outs.append(G(z[i:i + 8], part["camera"], deformer=deformer if self.cfg.deformation.enabled else None,
-                              noise_mode="const"))
-        return {k: torch.cat([o[k] for o in outs]) for k in ("image", "image_depth", "image_alpha")}
-
-    def generator(self, folder: Path) -> dict:
         import torch
         import torch.nn.functional as F
 
-        out = self._generator_samples(self.cfg.task.preview_samples, seed=1)
-        for key, value in out.items():
-            if not torch.isfinite(value).all():
-                raise RuntimeError(f"generator preview: non-finite values in {key}")
+        from ..systems.stage1 import Stage1GAN
+        from . import train_stage1
+
+        t = self.cfg.task
+        cfg = copy.deepcopy(self.cfg)  # the stage's own variant of the demo's config
+        cfg.data.path = self.dataset_path
+        cfg.data.kind = "folder"
+        cfg.trainer.max_steps = t.stage1_steps
+        cfg.evaluation = dataclasses.replace(cfg.evaluation, at_start=True, at_end=True)
+        cfg.task = train_stage1.Schema(checkpoint_every_kimg=0, grid_every_steps=t.stage1_grid_every_steps)
+        run_ctx = RunContext(run_dir=folder / "run")
+        result = train_stage1.run(cfg, run_ctx)
+        evaluations = [r for r in run_ctx.metrics.read() if r.get("event") == "evaluation"]
+        grids = sorted((run_ctx.samples).glob("grid-*.png"))
+        images = []
+        if grids:
+            (folder / "grid.png").write_bytes(grids[-1].read_bytes())
+            images.append("grid.png")
+        # Renders and depth of the trained EMA generator under dataset conditioning.
+        system = Stage1GAN.from_checkpoint(result["checkpoint"]).eval()
+        from ..data.datamodule import ConditioningSampler
+
+        cond = ConditioningSampler(self._dataset(), seed=1).sample(t.preview_samples)
+        z = torch.randn(len(cond["camera"]), system.cfg.backbone.z_dim, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            out = system.generate(z, cond, G=system.G_ema, noise_mode="const")
         res = out["image"].shape[-1]
         depth = F.interpolate(out["image_depth"], size=(res, res), mode="nearest")
         d_lo, d_hi = float(depth.min()), float(depth.max())
         cells = [_tile([_uint8(img), _uint8(d, d_hi, d_lo)], 2) for img, d in zip(out["image"], depth)]
-        _save_png(folder / "generator.png", _tile(cells, 4))
-        alpha = out["image_alpha"].flatten(1).mean(1)
-        return {"images": ["generator.png"], "samples": len(cells), "alpha_mean": round(float(alpha.mean()), 4),
-                "alpha_min_per_image": round(float(alpha.min()), 4),
-                "depth_range": [round(d_lo, 4), round(d_hi, 4)],
-                "deformation": bool(self.cfg.deformation.enabled), "trained": False}
-
-    def metrics(self, folder: Path) -> dict:
-        import torch
-
-        from ..assets.resolvers import ASSETS
-        from ..metrics.fid import build_image_metric
-
-        n = self.cfg.task.fid_samples
-        dataset = self._dataset()
-        real = torch.stack([dataset[i]["image"] for i in range(min(n, len(dataset)))])
-        fake = self._generator_samples(len(real), seed=2)["image"]
-        fid = build_image_metric("fid", normalize=True)
-        kid = build_image_metric("kid", normalize=True, subset_size=min(50, len(real)), subsets=10)
-        for metric in (fid, kid):
-            metric.update(((real + 1) / 2).clamp(0, 1), real=True)
-            metric.update(((fake + 1) / 2).clamp(0, 1), real=False)
-        kid_mean, kid_std = kid.compute()
-        record = {
-            "fid": round(float(fid.compute()), 3), "kid": round(float(kid_mean), 5), "kid_std": round(float(kid_std), 5),
-            "protocol": {
-                "real": f"first {len(real)} images of {self.dataset_path}", "fake": f"{len(fake)} samples",
-                "conditioning": "camera + morphable parameters drawn from the dataset (ConditioningSampler)",
-                "generator": "untrained (random init, seed cfg.seed)", "feature_extractor": "FID Inception TF 2015-12-05 (offline)",
-                "feature_sha256": ASSETS["fid-inception"].sha256, "resize": "tf1 bilinear to 299", "kid_subset_size": min(50, len(real)),
-            },
+        _save_png(folder / "renders.png", _tile(cells, 4))
+        images.append("renders.png")
+        return {
+            "images": images, "steps": result["steps"], "kimg": result["kimg"], "checkpoint": result["checkpoint"],
+            "fid_curve": [[r["step"], round(r["fid"], 2)] for r in evaluations],
+            "kid_curve": [[r["step"], round(r["kid"], 4)] for r in evaluations],
+            "protocol": evaluations[-1]["protocol"] if evaluations else None,
+            "deformation": bool(self.cfg.deformation.enabled),
+            "alpha_mean": round(float(out["image_alpha"].mean()), 4),
         }
-        self.ctx.metrics.write({"event": "demo/fid_kid", **record})
-        return record
 
     def index(self) -> Path:
         from ..utils.files import atomic_open
@@ -267,7 +239,7 @@ def run(cfg, ctx: RunContext) -> dict:
     from ..utils.console import console
 
     demo = Demo(cfg, ctx)
-    for name in ("data", "check", "geometry", "generator", "metrics"):
+    for name in ("data", "check", "geometry", "stage1"):
         demo.stage(name, getattr(demo, name))
     index = demo.index()
     console.print(f"[green]demo finished[/green]: stages {', '.join(demo.results)}; see {index}")
