@@ -27,7 +27,7 @@ from .base import RunContext, TaskConfig
 DESCRIPTION = "the whole chain that exists so far on the synthetic default; writes an index page"
 
 NOT_YET = [
-    "canonicalisation + CLIP cache (task=canonicalize), small LVLM (task=train_lvlm)",
+    "small LVLM and canonicalisation as demo stages (the tasks exist: task=train_lvlm, task=canonicalize)",
     "Stage-2 text conditioning (task=train_stage2) and text-to-portrait generation (task=generate)",
 ]
 
