@@ -66,14 +66,14 @@ def sample_points(labels: torch.Tensor, res: int, samples: int) -> torch.Tensor:
     return (origins[:, :, None] + depths[None, None, :, None] * dirs[:, :, None]).reshape(labels.shape[0], -1, 3)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = common_args(__doc__)
     parser.add_argument("--batches", type=int, nargs="+", default=None)
     parser.add_argument("--grids", type=str, nargs="+", default=["4,8,16,32:256", "4,8,16,32:128", "8,16,32:256"],
                         help="candidate grids to time: comma-separated resolutions, ':', finest-cell capacity")
     parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                         help="also time pytorch3d's brute-force point-face distance and knn_points")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     res, samples = (16, 24) if args.small else (64, 96)
     batches = args.batches or ([1, 2] if args.small else [1, 8, 32])

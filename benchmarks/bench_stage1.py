@@ -60,7 +60,7 @@ def build(args, device: torch.device) -> tuple[Stage1GAN, dict[str, torch.Tensor
     return system, real
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = common_args(__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--no-tf32", action="store_true")
@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--rdr-resolution", type=int, default=0, help="rasterise rdr at this size (0: image size)")
     p.add_argument("--cycles", type=int, default=2, help="16-step cycles timed for the throughput")
     p.add_argument("--cudnn-benchmark", action="store_true", help="autotune convolutions (minutes of warm-up)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.small:
         args.batch = min(args.batch, 4)
     device = torch.device(args.device)

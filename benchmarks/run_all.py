@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-MODULES = ["benchmarks.bench_geometry", "benchmarks.bench_generator"]
+MODULES = ["benchmarks.bench_geometry", "benchmarks.bench_generator", "benchmarks.bench_stage1",
+           "benchmarks.bench_canonicalize"]
 
 
 def main(argv: list[str] | None = None) -> int:
