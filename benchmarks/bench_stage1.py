@@ -104,18 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                                warmup=args.warmup, runs=runs, extra=extra))
 
     def step():
-        k = system.step_count
-        real_in = real()
-        system.run_phase("g_main", opt_g, system.G, lambda i: system.loss_g_main(B), 1)
-        if k % reg.density_interval == 0:
-            system.run_phase("g_reg", opt_g, system.G, lambda i: system.loss_g_reg(B), 1, reg.density_interval)
-        system.run_phase("d_main", opt_d, system.D, lambda i: system.loss_d_main(real_in), 1)
-        if k % reg.r1_interval == 0:
-            system.run_phase("d_reg", opt_d, system.D, lambda i: system.loss_d_reg(real_in), 1, reg.r1_interval)
-        system.step_count += 1
-        from clipportrait.nn.ema import ema_beta, update_ema
-
-        update_ema(system.G_ema, system.G, ema_beta(B, system.images_seen, 10, 0.05))
+        system.train_step(batch, opt_g, opt_d)
 
     for _ in range(16):  # one full cycle of warm-up
         step()

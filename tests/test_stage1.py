@@ -4,7 +4,6 @@ schedules, non-finite guard, checkpoint compatibility, and exact resume after a 
 from __future__ import annotations
 
 import copy
-import math
 
 import lightning as L
 import pytest

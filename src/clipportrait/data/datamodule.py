@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..geometry.cameras import mirror_labels
-from ..geometry.morphable import MorphableModel
+from ..geometry.head import observation_vertices  # noqa: F401  (part of this module's API)
 from .config import DATA_KINDS, DataConfig
 from .format import DatasetError, check_dataset, read_index
 from .sampler import ResumableSampler
@@ -159,16 +159,6 @@ class PortraitDataset(Dataset):
             pixels = pixels.flip(-1)
         out["image"] = (pixels / 127.5 - 1.0).clamp(-1, 1)
         return out
-
-
-def observation_vertices(batch: dict[str, torch.Tensor], morphable: MorphableModel) -> torch.Tensor:
-    """Observation-space mesh vertices (B,V,3) of a batch: built from its shape/expression/pose and,
-    where ``batch['flip']``, mirrored by the model (x -> -x with the ``mirror_map`` permutation)."""
-    verts = morphable(batch["shape"], batch["expression"], batch["pose"])
-    flip = batch["flip"].to(device=verts.device, dtype=torch.bool)
-    if not flip.any():
-        return verts
-    return torch.where(flip[:, None, None], morphable.mirror(verts), verts)
 
 
 class ConditioningSampler:

@@ -473,6 +473,15 @@ if triton is not None:
         return qx * qx + qy * qy + qz * qz
 
     @triton.jit
+    def _unit_cross(ex, ey, ez, fx, fy, fz):
+        """(e x f) / |e x f|: the unit normal of a triangle with edges e, f (eq. 5's n^D and n^C)."""
+        nx = ey * fz - ez * fy
+        ny = ez * fx - ex * fz
+        nz = ex * fy - ey * fx
+        inv = 1.0 / tl.maximum(tl.sqrt(nx * nx + ny * ny + nz * nz), 1e-20)
+        return nx * inv, ny * inv, nz * inv
+
+    @triton.jit
     def _load_corner(tri_ptr, t, corner: tl.constexpr, mask):
         base = t * 9 + corner * 3
         x = tl.load(tri_ptr + base + 0, mask=mask, other=0.0)
@@ -620,18 +629,8 @@ if triton is not None:
                 v, w = _closest_vw(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz)
             u = 1 - v - w
             # Unit normals of both triangles (eq. 5's n^D and n^C).
-            nx = aby * acz - abz * acy
-            ny = abz * acx - abx * acz
-            nz = abx * acy - aby * acx
-            inv = 1.0 / tl.maximum(tl.sqrt(nx * nx + ny * ny + nz * nz), 1e-20)
-            nx, ny, nz = nx * inv, ny * inv, nz * inv
-            kbx, kby, kbz = qbx - qax, qby - qay, qbz - qaz
-            kcx, kcy, kcz = qcx - qax, qcy - qay, qcz - qaz
-            mx = kby * kcz - kbz * kcy
-            my = kbz * kcx - kbx * kcz
-            mz = kbx * kcy - kby * kcx
-            inv = 1.0 / tl.maximum(tl.sqrt(mx * mx + my * my + mz * mz), 1e-20)
-            mx, my, mz = mx * inv, my * inv, mz * inv
+            nx, ny, nz = _unit_cross(abx, aby, abz, acx, acy, acz)
+            mx, my, mz = _unit_cross(qbx - qax, qby - qay, qbz - qaz, qcx - qax, qcy - qay, qcz - qaz)
             offset = ((px - (u * ax + v * bx + w * cx)) * nx + (py - (u * ay + v * by + w * cy)) * ny
                       + (pz - (u * az + v * bz + w * cz)) * nz)
             ox = u * qax + v * qbx + w * qcx + offset * mx
@@ -711,18 +710,10 @@ if triton is not None:
         # Gradients of the plane barycentrics v, w.
         dvx, dvy, dvz = (cc * abx - bc * acx) / det, (cc * aby - bc * acy) / det, (cc * abz - bc * acz) / det
         dwx, dwy, dwz = (bb * acx - bc * abx) / det, (bb * acy - bc * aby) / det, (bb * acz - bc * abz) / det
-        nx = aby * acz - abz * acy
-        ny = abz * acx - abx * acz
-        nz = abx * acy - aby * acx
-        inv = 1.0 / tl.maximum(tl.sqrt(nx * nx + ny * ny + nz * nz), 1e-20)
-        nx, ny, nz = nx * inv, ny * inv, nz * inv
+        nx, ny, nz = _unit_cross(abx, aby, abz, acx, acy, acz)
         kbx, kby, kbz = qbx - qax, qby - qay, qbz - qaz
         kcx, kcy, kcz = qcx - qax, qcy - qay, qcz - qaz
-        mx = kby * kcz - kbz * kcy
-        my = kbz * kcx - kbx * kcz
-        mz = kbx * kcy - kby * kcx
-        inv = 1.0 / tl.maximum(tl.sqrt(mx * mx + my * my + mz * mz), 1e-20)
-        mx, my, mz = mx * inv, my * inv, mz * inv
+        mx, my, mz = _unit_cross(kbx, kby, kbz, kcx, kcy, kcz)
         offset = (apx - v * abx - w * acx) * nx + (apy - v * aby - w * acy) * ny + (apz - v * abz - w * acz) * nz
         abn = abx * nx + aby * ny + abz * nz
         acn = acx * nx + acy * ny + acz * nz

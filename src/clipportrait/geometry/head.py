@@ -26,6 +26,19 @@ from .morphable import MorphableModel
 Deformer = Callable[[torch.Tensor], torch.Tensor]
 
 
+def observation_vertices(cond: dict[str, torch.Tensor], morphable: MorphableModel) -> torch.Tensor:
+    """Observation-space mesh vertices (B,V,3) of a batch: built from its shape/expression/pose and,
+    where ``cond['flip']``, mirrored by the model (x -> -x with the ``mirror_map`` permutation)."""
+    for key in ("shape", "expression", "pose", "flip"):
+        if key not in cond:
+            raise KeyError(f"conditioning: missing {key!r} (have {sorted(cond)})")
+    verts = morphable(cond["shape"], cond["expression"], cond["pose"])
+    flip = cond["flip"].to(device=verts.device, dtype=torch.bool)
+    if not flip.any():
+        return verts
+    return torch.where(flip[:, None, None], morphable.mirror(verts), verts)
+
+
 class HeadGeometry(torch.nn.Module):
     """Observation meshes, bound deformation and mesh renders for batches of morphable parameters.
 
@@ -51,14 +64,7 @@ class HeadGeometry(torch.nn.Module):
 
     def observation(self, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """Full observation vertices (B,V,3) of ``cond`` (keys shape, expression, pose, flip)."""
-        for key in ("shape", "expression", "pose", "flip"):
-            if key not in cond:
-                raise KeyError(f"conditioning: missing {key!r} (have {sorted(cond)})")
-        verts = self.morphable(cond["shape"], cond["expression"], cond["pose"])
-        flip = cond["flip"].to(device=verts.device, dtype=torch.bool)
-        if flip.any():
-            verts = torch.where(flip[:, None, None], self.morphable.mirror(verts), verts)
-        return verts
+        return observation_vertices(cond, self.morphable)
 
     def deformer(self, obs_verts: torch.Tensor) -> Deformer | None:
         """D of eq. 4 bound to these observation meshes; None when deformation is disabled (the

@@ -69,7 +69,8 @@ class GanDDPStrategy(DDPStrategy):
 
     def configure_ddp(self) -> None:
         assert self.model is not None
+        if world()[0] == 1:
+            return
         with torch.no_grad():
             for tensor in list(self.model.parameters()) + list(self.model.buffers()):
-                if dist.is_initialized() and dist.get_world_size() > 1:
-                    dist.broadcast(tensor.data, src=0)
+                dist.broadcast(tensor.data, src=0)

@@ -308,8 +308,14 @@ class Stage1GAN(L.LightningModule):
                             f"regularizer.r1_gamma, or resume from an earlier checkpoint")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.train_step(batch, *self.optimizers())
+        if self.step_count >= self.cfg.max_steps:
+            self.trainer.should_stop = True
+
+    def train_step(self, batch: dict[str, torch.Tensor], opt_g, opt_d) -> None:
+        """One training step on a real batch: the four phases on their schedule, then the EMA update.
+        Runs with or without a Trainer (the benchmark calls it with plain optimisers)."""
         cfg, reg = self.cfg, self.cfg.regularizer
-        opt_g, opt_d = self.optimizers()
         chunks = cfg.optim.accumulate
         micro = batch["image"].shape[0] // chunks
         reals = [self.real_inputs({k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}) for i in range(chunks)]
@@ -329,8 +335,6 @@ class Stage1GAN(L.LightningModule):
         update_ema(self.G_ema, self.G, beta)
         self._record("schedule/blur_sigma", torch.tensor(self.blur_sigma(step), device=self.device))
         self._record("schedule/ema_beta", torch.tensor(beta, device=self.device))
-        if self.step_count >= cfg.max_steps:
-            self.trainer.should_stop = True
 
     # ------------------------------------------------------------------ logging
     def _record(self, key: str, value: torch.Tensor) -> None:

@@ -36,8 +36,10 @@ def run(cfg, ctx: RunContext) -> dict:
         cfg.evaluation.validate()
     except ValueError as err:
         raise UserError(str(err)) from None
-    device = torch.device("cuda" if t.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if t.device == "auto" else t.device))
+    if t.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(t.device)
     system = Stage1GAN.from_checkpoint(t.checkpoint, map_location=device).eval()
     resolution = system.cfg.backbone.img_resolution
     dataset = PortraitDataset(cfg.data.path, resolution=resolution, flip=cfg.data.flip, skip_bad=cfg.data.skip_bad,
