@@ -116,10 +116,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def architecture_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """``group.key: a != b`` for every architecture field that differs between two config dicts."""
+def architecture_differences(a: dict[str, Any], b: dict[str, Any],
+                             groups: tuple[str, ...] = Stage1Config.ARCHITECTURE) -> list[str]:
+    """``group.key: a != b`` for every architecture field of ``groups`` that differs between two config dicts."""
     diffs = []
-    for group in Stage1Config.ARCHITECTURE:
+    for group in groups:
         ga, gb = a.get(group, {}), b.get(group, {})
         for key in sorted(set(ga) | set(gb)):
             if group == "deformation" and key in ("backend", "pair_chunk", "grid_capacity"):
@@ -169,10 +170,16 @@ class Stage1GAN(L.LightningModule):
     def images_seen(self) -> int:
         return self.step_count * self.global_batch
 
+    @property
+    def images_before(self) -> int:
+        """Images trained on before this system's first step (0 here; Stage 2 continues Stage 1)."""
+        return 0
+
     def blur_sigma(self, step: int | None = None) -> float:
         reg = self.cfg.regularizer
         fade = Linear(reg.blur_init_sigma, 0.0, kimg_to_steps(reg.blur_fade_kimg, self.global_batch))
-        return fade(self.step_count if step is None else step)
+        step = self.step_count if step is None else step
+        return fade(step + self.images_before / self.global_batch)
 
     # ------------------------------------------------------------------ model pieces (Stage-2 hooks)
     def mapping(self, z: torch.Tensor, cond: Cond, G=None, update_emas: bool = False, truncation_psi: float = 1.0):
@@ -190,6 +197,13 @@ class Stage1GAN(L.LightningModule):
         """Render fakes for latents z under the conditioning ``cond`` (camera + morphable parameters)."""
         G = self.G if G is None else G
         ws = self.mapping(z, cond, G=G, update_emas=update_emas, truncation_psi=truncation_psi)
+        return self.synthesize(ws, cond, G=G, noise_mode=noise_mode, with_rdr=with_rdr)
+
+    def synthesize(self, ws: torch.Tensor, cond: Cond, G=None, noise_mode: str = "random",
+                   with_rdr: bool = False) -> dict[str, torch.Tensor]:
+        """Render style vectors ``ws`` (B, num_ws, w_dim) under ``cond``: tri-plane, deformation to the
+        canonical space of each sample's mesh (eq. 4-5), volume rendering (eq. 3), super-resolution."""
+        G = self.G if G is None else G
         obs = self.geometry.observation(cond)
         out = G.synthesis(ws, cond["camera"], deformer=self.geometry.deformer(obs), noise_mode=noise_mode)
         out["ws"] = ws
@@ -272,8 +286,7 @@ class Stage1GAN(L.LightningModule):
         """Zero grads, back-propagate ``loss_fn(i) * gain / chunks`` for each micro-batch i, average
         gradients over ranks, step ``optimizer``. Only ``module`` trains during the phase. Returns the
         mean loss, or None when the loss was non-finite on some rank (the step is skipped)."""
-        self.G.requires_grad_(module is self.G)
-        self.D.requires_grad_(module is self.D)
+        self.set_trainable(module)
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for i in range(chunks):
@@ -289,6 +302,11 @@ class Stage1GAN(L.LightningModule):
         self.nonfinite_in_row = 0
         self._record(f"loss/{name}", total)
         return total
+
+    def set_trainable(self, module: torch.nn.Module | None) -> None:
+        """Gradients only for ``module`` (G or D) during its phase; None: for both (between phases)."""
+        self.G.requires_grad_(module is None or module is self.G)
+        self.D.requires_grad_(module is None or module is self.D)
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self._trainer is None:  # a phase run by hand (tests, scripts)
@@ -327,11 +345,11 @@ class Stage1GAN(L.LightningModule):
         self.run_phase("d_main", opt_d, self.D, lambda i: self.loss_d_main(reals[i]), chunks)
         if reg.r1_gamma > 0 and step % reg.r1_interval == 0:
             self.run_phase("d_reg", opt_d, self.D, lambda i: self.loss_d_reg(reals[i]), chunks, gain=reg.r1_interval)
-        self.G.requires_grad_(True)
-        self.D.requires_grad_(True)
+        self.set_trainable(None)
 
         self.step_count += 1
-        beta = ema_beta(self.global_batch, self.images_seen, cfg.optim.ema_kimg, cfg.optim.ema_rampup)
+        beta = ema_beta(self.global_batch, self.images_before + self.images_seen, cfg.optim.ema_kimg,
+                        cfg.optim.ema_rampup)
         update_ema(self.G_ema, self.G, beta)
         self._record("schedule/blur_sigma", torch.tensor(self.blur_sigma(step), device=self.device))
         self._record("schedule/ema_beta", torch.tensor(beta, device=self.device))
@@ -360,6 +378,10 @@ class Stage1GAN(L.LightningModule):
         self._write({"event": "train", "step": self.step_count, "kimg": self.images_seen / 1000, **values})
 
     # ------------------------------------------------------------------ optimisers, lifecycle
+    def trained_parameters(self, module: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The parameters of G or D that its optimiser updates (all of them in Stage 1)."""
+        return list(module.parameters())
+
     def configure_optimizers(self):
         opt, reg = self.cfg.optim, self.cfg.regularizer
 
@@ -370,8 +392,8 @@ class Stage1GAN(L.LightningModule):
             betas = tuple(b**ratio for b in opt.betas)
             return torch.optim.Adam(params, lr=lr * ratio, betas=betas, eps=opt.eps)
 
-        return (adam(self.G.parameters(), opt.g_lr, reg.density_interval, reg.density_weight > 0),
-                adam(self.D.parameters(), opt.d_lr, reg.r1_interval, reg.r1_gamma > 0))
+        return (adam(self.trained_parameters(self.G), opt.g_lr, reg.density_interval, reg.density_weight > 0),
+                adam(self.trained_parameters(self.D), opt.d_lr, reg.r1_interval, reg.r1_gamma > 0))
 
     def setup(self, stage: str) -> None:
         if self.conditioning is None and self.trainer is not None and self.trainer.datamodule is not None:
@@ -428,16 +450,24 @@ class Stage1GAN(L.LightningModule):
         self._restore_conditioning_rng()
 
     # ------------------------------------------------------------------ loading for inference
+    @staticmethod
+    def config_class() -> type:
+        return Stage1Config
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu",
                         overrides: dict[str, dict] | None = None) -> "Stage1GAN":
         """A system with the weights of a checkpoint of this project (loaded with weights_only=True).
         ``overrides`` replaces config groups, e.g. {"morphable": {"flame_path": ...}} on another machine."""
         checkpoint = load_checkpoint(path, map_location)
+        kind = checkpoint[CHECKPOINT_KEY].get("kind", "Stage1GAN")
+        if kind != cls.__name__:
+            raise UserError(f"checkpoint {path} holds a {kind}, not a {cls.__name__}: load it with {kind}.from_checkpoint "
+                            f"(task=generate and task=evaluate pick the right one)")
         data = checkpoint[CHECKPOINT_KEY]["config"]
         for group, values in (overrides or {}).items():
             data[group] = {**data.get(group, {}), **values}
-        system = cls(Stage1Config.from_dict(data))
+        system = cls(cls.config_class().from_dict(data))
         load_weights(system, checkpoint, str(path))
         return system.to(map_location)
 
@@ -455,19 +485,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
-def check_compatible(meta: dict[str, Any], cfg: Stage1Config, what: str, source: str = "the checkpoint") -> None:
-    diffs = architecture_differences(meta["config"], cfg.as_dict())
+def check_compatible(meta: dict[str, Any], cfg: Stage1Config, what: str, source: str = "the checkpoint",
+                     groups: tuple[str, ...] | None = None) -> None:
+    groups = type(cfg).ARCHITECTURE if groups is None else groups
+    diffs = architecture_differences(meta["config"], cfg.as_dict(), groups)
     if diffs:
         raise UserError(f"cannot {what} from {source}: it was trained with another architecture:\n  "
                         + "\n  ".join(diffs) + "\n(use the same backbone/discriminator/deformation/morphable settings)")
 
 
-def load_weights(system: Stage1GAN, checkpoint: dict[str, Any], source: str) -> None:
-    """G, D and G_ema weights of a checkpoint into ``system`` (optimiser state and step are not touched)."""
-    check_compatible(checkpoint[CHECKPOINT_KEY], system.cfg, "load weights", source)
+def load_weights(system: Stage1GAN, checkpoint: dict[str, Any], source: str, new_modules: tuple[str, ...] = ()) -> None:
+    """G, D and G_ema weights of a checkpoint into ``system`` (optimiser state and step are not touched).
+    Weights under ``new_modules`` (e.g. "align": Stage 2's T_G/T_D) may be absent from the checkpoint;
+    they keep their initial values. The checkpoint must match ``system``'s Stage-1 architecture."""
+    check_compatible(checkpoint[CHECKPOINT_KEY], system.cfg, "load weights", source, Stage1Config.ARCHITECTURE)
     state = checkpoint["state_dict"]
     missing, unexpected = system.load_state_dict(state, strict=False)
-    wanted = [k for k in missing if k.split(".")[0] in ("G", "D", "G_ema")]
+    wanted = [k for k in missing if k.split(".")[0] in ("G", "D", "G_ema") and k.split(".")[1] not in new_modules]
     if wanted or unexpected:
         raise UserError(f"checkpoint {source}: missing weights {wanted[:5]}, unexpected {list(unexpected)[:5]}")
 

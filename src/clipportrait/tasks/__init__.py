@@ -19,6 +19,7 @@ TASKS: dict[str, str] = {
     "evaluate": "clipportrait.tasks.evaluate",
     "canonicalize": "clipportrait.tasks.canonicalize",
     "train_lvlm": "clipportrait.tasks.train_lvlm",
+    "train_stage2": "clipportrait.tasks.train_stage2",
     "info": "clipportrait.tasks.info",
 }
 

@@ -75,32 +75,46 @@ def build_trainer(cfg, ctx: RunContext, callbacks: list):
     )
 
 
-def run(cfg, ctx: RunContext) -> dict:
+def fit(cfg, ctx: RunContext, system, data_cfg=None) -> dict:
+    """Train a GAN system (Stage 1 or 2) with the task's checkpoint/grid settings and the `evaluation`
+    group's FID schedule; returns steps, kimg, the last checkpoint and the last FID/KID."""
     from ..data.datamodule import PortraitDataModule
-    from ..errors import UserError
     from ..systems.callbacks import FidEvaluation, KimgCheckpoint, SampleGrids
-    from ..systems.stage1 import Stage1GAN, load_checkpoint, load_weights
 
     t = cfg.task
-    if cfg.data.resolution != cfg.backbone.img_resolution:
-        raise UserError(f"data.resolution={cfg.data.resolution} but backbone.img_resolution="
-                        f"{cfg.backbone.img_resolution}: the discriminator compares images of one size; set them equal")
-    if t.resume and t.init_from:
-        raise UserError("task.resume and task.init_from are exclusive: resume continues a run, init_from starts a "
-                        "new one from its weights")
-    system = Stage1GAN(stage1_config(cfg), metrics_log=ctx.metrics.write)
-    if t.init_from:
-        load_weights(system, load_checkpoint(t.init_from), t.init_from)
     cfg.evaluation.validate()
     checkpoints = KimgCheckpoint(ctx.checkpoints, t.checkpoint_every_kimg, t.keep_checkpoints)
     callbacks = [checkpoints, SampleGrids(ctx.samples, t.grid_every_steps, identities=t.grid_identities)]
     if cfg.evaluation.every_kimg > 0 or cfg.evaluation.at_end:
         callbacks.append(FidEvaluation(cfg.evaluation, cfg.paths.cache_dir, ctx.metrics.write))
     trainer = build_trainer(cfg, ctx, callbacks)
-    trainer.fit(system, PortraitDataModule(cfg.data), ckpt_path=t.resume, weights_only=True)
+    trainer.fit(system, PortraitDataModule(data_cfg or cfg.data), ckpt_path=t.resume, weights_only=True)
     evaluations = [r for r in ctx.metrics.read() if r.get("event") == "evaluation"]
     result = {"steps": system.step_count, "kimg": system.images_seen / 1000,
               "checkpoint": str(ctx.checkpoints / "last.ckpt")}
     if evaluations:
         result.update(fid=evaluations[-1]["fid"], kid=evaluations[-1]["kid"])
     return result
+
+
+def check_resolution(cfg) -> None:
+    from ..errors import UserError
+
+    if cfg.data.resolution != cfg.backbone.img_resolution:
+        raise UserError(f"data.resolution={cfg.data.resolution} but backbone.img_resolution="
+                        f"{cfg.backbone.img_resolution}: the discriminator compares images of one size; set them equal")
+
+
+def run(cfg, ctx: RunContext) -> dict:
+    from ..errors import UserError
+    from ..systems.stage1 import Stage1GAN, load_checkpoint, load_weights
+
+    t = cfg.task
+    check_resolution(cfg)
+    if t.resume and t.init_from:
+        raise UserError("task.resume and task.init_from are exclusive: resume continues a run, init_from starts a "
+                        "new one from its weights")
+    system = Stage1GAN(stage1_config(cfg), metrics_log=ctx.metrics.write)
+    if t.init_from:
+        load_weights(system, load_checkpoint(t.init_from), t.init_from)
+    return fit(cfg, ctx, system)

@@ -1,0 +1,46 @@
+"""task=train_stage2 through the composed config: it trains from a Stage-1 checkpoint and a cache,
+records the regularisers, resumes, and refuses bad inputs with messages that name them."""
+
+from __future__ import annotations
+
+import pytest
+
+from chain import build_chain, compose
+from clipportrait.errors import UserError
+from clipportrait.systems.stage2 import Stage2GAN
+from clipportrait.tasks import train_stage2
+from clipportrait.tasks.base import RunContext
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    return build_chain(tmp_path_factory.mktemp("chain"))
+
+
+def test_train_stage2_writes_a_stage2_checkpoint_with_the_regularisers_logged(chain):
+    assert chain["result"]["steps"] == 2
+    system = Stage2GAN.from_checkpoint(chain["stage2"])
+    assert system.cfg.alignment.hidden == 32 and system.cfg.alignment.embed_dim > 0
+    assert system.cfg.stage1_checkpoint == chain["stage1"]
+    train = [r for r in chain["metrics"] if r.get("event") == "train"]
+    assert train and "reg/jacobian" in train[-1] and "reg/norm" in train[-1]
+
+
+def test_train_stage2_resumes_and_refuses_bad_inputs(chain, tmp_path):
+    root, args = chain["root"], chain["stage2_args"]
+    resumed = train_stage2.run(compose(root, *args, f"task.resume={chain['stage2']}", "trainer.max_steps=3"),
+                               RunContext(run_dir=tmp_path / "resumed"))
+    assert resumed["steps"] == 3
+    cases = {
+        "data.clip_cache is not set": [a for a in args if not a.startswith("data.clip_cache")],
+        "task.stage1 is not set": [a for a in args if not a.startswith("task.stage1")],
+        "resume continues a Stage-2 run": [*args, f"task.resume={chain['stage1']}"],
+        "task.train='frozen'": [*args, "task.train=frozen"],
+        "regularizer.alpha_drop=1.5": [*args, "regularizer.alpha_drop=1.5"],
+        "backbone.w_dim": [*args, "backbone.w_dim=32"],
+        "Stage 2 starts from a Stage-1 checkpoint": [a for a in args if not a.startswith("task.stage1")]
+        + [f"task.stage1={chain['stage2']}"],
+    }
+    for message, overrides in cases.items():
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
+            train_stage2.run(compose(root, *overrides), RunContext(run_dir=tmp_path / "bad"))
