@@ -20,6 +20,7 @@ TASKS: dict[str, str] = {
     "canonicalize": "clipportrait.tasks.canonicalize",
     "train_lvlm": "clipportrait.tasks.train_lvlm",
     "train_stage2": "clipportrait.tasks.train_stage2",
+    "generate": "clipportrait.tasks.generate",
     "info": "clipportrait.tasks.info",
 }
 

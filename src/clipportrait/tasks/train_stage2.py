@@ -114,7 +114,8 @@ def run(cfg, ctx: RunContext) -> dict:
             raise UserError(f"task.resume={t.resume} holds a {meta.get('kind', 'Stage1GAN')}: resume continues a "
                             "Stage-2 run; start Stage 2 from a Stage-1 checkpoint with task.stage1")
         check_compatible(meta, wanted, "resume", t.resume, Stage1Config.ARCHITECTURE)
-        data = {**meta["config"], **training, "alignment": dataclasses.asdict(alignment), "train": t.train}
+        data = {**meta["config"], **training, "alignment": dataclasses.asdict(alignment), "train": t.train,
+                "clip_cache": str(cfg.data.clip_cache)}
         system = Stage2GAN(Stage2Config.from_dict(data), metrics_log=ctx.metrics.write)
     else:
         if not t.stage1:
@@ -123,4 +124,5 @@ def run(cfg, ctx: RunContext) -> dict:
         check_cache_provenance(cfg.data.clip_cache, t.stage1)
         system = Stage2GAN.from_stage1(t.stage1, alignment=alignment, train=t.train, overrides=training,
                                        expect=wanted, metrics_log=ctx.metrics.write)
+        system.cfg.clip_cache = str(cfg.data.clip_cache)
     return fit(cfg, ctx, system)

@@ -1,0 +1,257 @@
+"""task=generate on a toy Stage-2 checkpoint (tests/chain.py): every output with its shape, the
+alpha = 0 path equal to Stage 1's unconditional render, camera presets and expression presets that
+do what their names say, the modality-gap offset against a hand computation, and every validation
+error naming the key, the value and what was expected."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from chain import build_chain, compose
+from clipportrait.errors import UserError
+from clipportrait.generation.modality_gap import ModalityGap
+from clipportrait.generation.morphable import EXPRESSION_PRESETS, preset_parameters, resolve_morphable
+from clipportrait.generation.pipeline import TextToPortrait, latent
+from clipportrait.generation.prompts import gather_prompts, token_count, validate_prompts
+from clipportrait.generation.views import CAMERA_PRESETS, labels_yaw_pitch, resolve_view, view_labels
+from clipportrait.geometry.cameras import neutral_labels
+from clipportrait.systems.stage2 import Stage2GAN
+from clipportrait.tasks import generate
+from clipportrait.tasks.base import RunContext
+
+PROMPTS = ["a person with long red hair", "a person with blue eyes and dark skin"]
+SEEDS = [0, 5]
+SWEEP = [0.0, 0.5, 1.0]
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    return build_chain(tmp_path_factory.mktemp("chain"))
+
+
+def generate_args(chain, *extra: str) -> list[str]:
+    prompts = ",".join(f"'{p}'" for p in PROMPTS)
+    return ["task=generate", f"task.checkpoint={chain['stage2']}", f"task.prompts=[{prompts}]",
+            f"task.seeds=[{','.join(map(str, SEEDS))}]", f"task.alpha_sweep=[{','.join(map(str, SWEEP))}]",
+            f"task.turntable_frames={FRAMES}", *extra]
+
+
+@pytest.fixture(scope="module")
+def generated(chain, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("generate")
+    result = generate.run(compose(chain["root"], *generate_args(chain, "task.modality_gap=mean_offset")),
+                          RunContext(run_dir=run_dir))
+    return run_dir, result
+
+
+@pytest.fixture(scope="module")
+def system(chain):
+    return Stage2GAN.from_checkpoint(chain["stage2"]).eval()
+
+
+def png(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_generate_writes_every_output_with_the_right_shape(chain, generated):
+    run_dir, result = generated
+    R, r, P, S = 32, 16, len(PROMPTS), len(SEEDS)  # tests/chain.py: 32^2 images, 16^2 neural render
+    assert png(run_dir / "grid.png").shape == (P * R, S * R, 3)  # rows prompts, columns seeds
+    depth = png(run_dir / "depth.png")
+    assert depth.shape == (P * r, S * r) and depth.max() > depth.min()
+    assert len(result["alpha_sweep"]) == P and len(result["turntable"]) == P
+    for path in result["alpha_sweep"]:
+        assert png(path).shape == (S * R, len(SWEEP) * R, 3)  # rows seeds, columns alpha
+    import imageio.v2 as imageio
+
+    for path in result["turntable"]:
+        with imageio.get_reader(path) as reader:
+            frames = [frame for frame in reader]
+        assert len(frames) == FRAMES and frames[0].shape == (R, S * R, 3)
+    record = json.loads((run_dir / "generate.json").read_text())
+    protocol = record["protocol"]
+    assert protocol["prompts"] == PROMPTS and protocol["seeds"] == SEEDS and protocol["alpha_sweep"] == SWEEP
+    assert protocol["lvlm"]["check"] == "matched"  # the cache's manifest names the same random-weight CLIP
+    assert protocol["checkpoint"]["clip_cache"] == str(chain["cache"])
+    assert len(protocol["checkpoint"]["sha256"]) == 64
+    assert protocol["camera"] == {"preset": "frontal", "yaw_deg": 0.0, "pitch_deg": 0.0}
+    assert protocol["modality_gap"]["mode"] == "mean_offset" and protocol["modality_gap"]["offset_norm"] > 0
+    latency = record["latency_ms"]
+    # grid + alpha sweep + turntable frames, every one of them for each prompt and seed
+    assert latency["images_generated"] == P * S * (1 + len(SWEEP) + FRAMES)
+    assert latency["text_encoding_per_prompt"] > 0 and latency["generation_per_image"] > 0
+
+
+def test_alpha_zero_is_the_unconditional_stage1_portrait(chain, generated, system):
+    """At alpha = 0, T_G is ignored (eq. 11): the render equals Stage 1's w -> synthesis path for any
+    prompt, while alpha = 1 moves it (the two training steps made T_G non-zero)."""
+    run_dir, result = generated
+    R = 32
+    sweeps = [png(path) for path in result["alpha_sweep"]]
+    assert np.array_equal(sweeps[0][:, :R], sweeps[1][:, :R])  # alpha = 0 column: same for both prompts
+    assert not np.array_equal(sweeps[0][:, -R:], sweeps[1][:, -R:])  # alpha = 1 column: the prompt matters
+
+    from clipportrait.lvlm import build_clip
+
+    cfg = compose(chain["root"], *generate_args(chain))
+    engine = TextToPortrait(system, build_clip(cfg.lvlm), truncation_psi=0.7)
+    text = engine.encode(PROMPTS[:1]).expand(len(SEEDS), -1)
+    cond = {"camera": neutral_labels(len(SEEDS)), **resolve_morphable(system.geometry.morphable, SEEDS).rows([0, 1])}
+    at_zero = engine.render(SEEDS, cond, text, 0.0)["image"]
+    at_one = engine.render(SEEDS, cond, text, 1.0)["image"]
+    with torch.no_grad():
+        z = torch.stack([latent(s, system.cfg.backbone.z_dim) for s in SEEDS])
+        ws = system.G_ema.mapping(z, truncation_psi=0.7)  # Stage 1: no alignment network
+        stage1 = system.synthesize(ws, cond, G=system.G_ema, noise_mode="const")["image"]
+    assert torch.equal(at_zero, stage1)
+    assert (at_one - stage1).abs().max() > 1e-4
+
+
+def test_camera_presets_round_trip_through_the_labels():
+    for name, (yaw, pitch) in CAMERA_PRESETS.items():
+        view = resolve_view(name)
+        got_yaw, got_pitch = labels_yaw_pitch(view_labels(view.yaw_deg, view.pitch_deg))
+        assert abs(float(got_yaw) - yaw) < 1e-3 and abs(float(got_pitch) - pitch) < 1e-3, name
+    assert torch.allclose(view_labels(0.0, 0.0), neutral_labels(1))
+    # "left" puts the camera toward world +x (the subject's left), "up" raises it (+y): by hand,
+    # the camera centre is pivot + 2.7 (cos p sin y, sin p, cos p cos y).
+    left, up = view_labels(30.0, 0.0)[0], view_labels(0.0, 20.0)[0]
+    assert math.isclose(float(left[3]), 2.7 * math.sin(math.radians(30)), abs_tol=1e-5)
+    assert math.isclose(float(up[7]), 2.7 * math.sin(math.radians(20)), abs_tol=1e-5)
+    custom = resolve_view("left", yaw_deg=-12.5, pitch_deg=7.0)
+    assert (custom.name, custom.yaw_deg, custom.pitch_deg) == ("custom", -12.5, 7.0)
+    yaws, pitches = labels_yaw_pitch(view_labels(torch.tensor([-40.0, 10.0]), torch.tensor([5.0, -15.0])))
+    assert torch.allclose(yaws, torch.tensor([-40.0, 10.0], dtype=yaws.dtype), atol=1e-3)
+    assert torch.allclose(pitches, torch.tensor([5.0, -15.0], dtype=pitches.dtype), atol=1e-3)
+
+
+def test_expression_presets_change_the_mesh_as_named(system):
+    model = system.geometry.morphable
+
+    def landmarks(name: str) -> torch.Tensor:
+        expression, pose = preset_parameters(model, name)
+        with torch.no_grad():
+            return model.landmarks(model(torch.zeros(1, model.n_shape), expression[None], pose[None]))[0]
+
+    neutral = landmarks("neutral")
+    lip_gap = lambda lm: float((lm[66] - lm[62]).norm())  # noqa: E731  inner lips, iBUG 62 (upper) / 66 (lower)
+    corners_y = lambda lm: float(lm[[48, 54], 1].mean())  # noqa: E731  mouth corners, world y up
+    brows_y = lambda lm: float(lm[17:27, 1].mean())  # noqa: E731
+    open_mouth, smile, brows, frown = (landmarks(n) for n in ("open_mouth", "smile", "raised_brows", "frown"))
+    assert lip_gap(open_mouth) > lip_gap(neutral) + 0.01  # world units (head ~0.5 tall): a visibly open jaw
+    assert corners_y(smile) > corners_y(neutral) + 1e-3 and corners_y(frown) < corners_y(neutral) - 1e-3
+    assert brows_y(brows) > brows_y(neutral) + 1e-3
+    assert abs(brows_y(smile) - brows_y(neutral)) < 1e-4  # a smile leaves the brows alone
+    assert torch.equal(preset_parameters(model, "neutral")[0], torch.zeros(model.n_expr))
+
+    # A model without named modes (FLAME) gets the jaw-only presets and a clear error for the rest.
+    unnamed = SimpleNamespace(n_expr=50, n_pose=6, n_shape=100)
+    with pytest.raises(UserError, match="presets usable with it: neutral, open_mouth"):
+        preset_parameters(unnamed, "smile")
+    with pytest.raises(UserError, match="unknown expression preset; known: " + ", ".join(EXPRESSION_PRESETS)):
+        preset_parameters(model, "wink")
+
+
+def test_from_dataset_uses_one_dataset_row_per_seed(chain, system):
+    from clipportrait.data.format import read_index
+
+    index = read_index(chain["root"] / "syn")
+    choice = resolve_morphable(system.geometry.morphable, [3, 4, 3], "from_dataset",
+                               dataset_path=str(chain["root"] / "syn"))
+    rows = choice.description["rows"]
+    assert rows[0] == rows[2]  # a seed always draws the same row
+    for k, row in enumerate(rows):
+        assert np.array_equal(choice.shape[k].numpy(), index.shape[row])
+        assert np.array_equal(choice.expression[k].numpy(), index.expression[row])
+        assert np.array_equal(choice.pose[k].numpy(), index.pose[row])
+    jaw = resolve_morphable(system.geometry.morphable, [0], "smile", jaw=0.2)
+    assert float(jaw.pose[0, 3]) == pytest.approx(0.2)
+
+
+def test_modality_gap_offset_matches_a_hand_computation(chain):
+    from clipportrait.canonical.cache import load_canonical_embeddings
+    from clipportrait.data.format import read_index
+    from clipportrait.lvlm import build_clip
+
+    cfg = compose(chain["root"], *generate_args(chain))
+    clip = build_clip(cfg.lvlm)
+    gap = ModalityGap.estimate(clip, chain["cache"], chain["root"] / "syn")
+    index = read_index(chain["root"] / "syn")
+    r, r_flipped = load_canonical_embeddings(chain["cache"], index.names)
+    image_mean = np.concatenate([r, r_flipped]).astype(np.float64).mean(0)
+    captions = [c for name in index.names for c in index.attributes[name]["captions"]]
+    text_mean = np.stack([clip.encode_text([c])[0].double().numpy() for c in captions]).mean(0)
+    assert gap.captions == len(captions) and gap.images == 2 * len(index.names)
+    assert np.allclose(gap.offset.numpy(), image_mean - text_mean, atol=1e-5)
+    text = clip.encode_text(PROMPTS)
+    corrected = gap.apply(text)
+    by_hand = text.double() + torch.from_numpy(image_mean - text_mean)
+    assert torch.allclose(corrected.double(), by_hand / by_hand.norm(dim=-1, keepdim=True), atol=1e-5)
+
+
+def test_prompts_file_and_token_limits(tmp_path, chain):
+    from clipportrait.lvlm import build_clip
+
+    tokenizer = build_clip(compose(chain["root"], *generate_args(chain)).lvlm).tokenizer
+    limit = tokenizer.context_length  # 40 for clipportrait-tiny
+    assert token_count(tokenizer, "red " * (limit - 2)) == limit  # one BPE token per word + start + end
+    validate_prompts(gather_prompts(["red " * (limit - 2)], None), tokenizer)  # exactly at the limit: accepted
+    with pytest.raises(UserError, match=rf"task.prompts\[1\]=.*{limit + 1} tokens, more than .* context length {limit}"):
+        validate_prompts(gather_prompts(["fine", "red " * (limit - 1)], None), tokenizer)
+    path = tmp_path / "prompts.txt"
+    path.write_text("# a comment\na person with red hair\n\n   \n  a person with green eyes  \n")
+    prompts = gather_prompts(["first"], str(path))
+    assert [p.text for p in prompts] == ["first", "a person with red hair", "a person with green eyes"]
+    assert prompts[2].source == f"task.prompts_file={path} line 5"
+
+
+BAD_INPUTS = {
+    "task.prompts[1]: empty prompt": ["task.prompts=['a person','  ']"],
+    "tokens, more than the tokenizer's context length 40": ["task.prompts=['" + "red " * 45 + "']"],
+    "no prompts": ["task.prompts=[]"],
+    "task.prompts_file=/nonexistent/p.txt: no such file": ["task.prompts_file=/nonexistent/p.txt"],
+    "task.alpha=1.5: expected a value in [0, 1]": ["task.alpha=1.5"],
+    "task.alpha_sweep[1]=-0.5: expected a value in [0, 1]": ["task.alpha_sweep=[0,-0.5]"],
+    "task.camera='sideways': unknown camera preset; known: frontal, left, right": ["task.camera=sideways"],
+    "task.pitch=95.0: expected degrees in [-80, 80]": ["task.pitch=95"],
+    "task.expression='wink': unknown expression preset; known: neutral, open_mouth, smile": ["task.expression=wink"],
+    "task.expression_vector has 3 values: expected 50": ["task.expression_vector=[1,2,3]"],
+    "task.shape_vector has 2 values: expected 100": ["task.shape_vector=[1,2]"],
+    "task.jaw=2.0: expected radians": ["task.jaw=2.0"],
+    "task.truncation_psi=1.5: expected a value in [0, 1]": ["task.truncation_psi=1.5"],
+    "task.seeds=[]: expected at least one seed": ["task.seeds=[]"],
+    "task.seeds[0]=-1: expected an integer": ["task.seeds=[-1]"],
+    "task.modality_gap='median': expected one of none, mean_offset": ["task.modality_gap=median"],
+    "task.turntable_frames=1: expected >= 2": ["task.turntable_frames=1"],
+    "is not the LVLM the checkpoint was trained with": ["lvlm.random_seed=4"],
+}
+
+
+def test_generate_refuses_bad_inputs_naming_them(chain, tmp_path):
+    root = chain["root"]
+    for message, overrides in BAD_INPUTS.items():
+        with pytest.raises(UserError, match=_literal(message)):
+            generate.run(compose(root, *generate_args(chain), *overrides), RunContext(run_dir=tmp_path / "bad"))
+    # Extrapolation is allowed when asked for (validation only: no rendering needed).
+    cfg = compose(root, *generate_args(chain, "task.alpha=1.5", "task.allow_alpha_extrapolation=true"))
+    assert generate.validate(cfg.task)["alpha"] == 1.5
+    # A Stage-1 checkpoint is refused by name.
+    with pytest.raises(UserError, match="holds a Stage1GAN"):
+        generate.run(compose(root, *generate_args(chain), f"task.checkpoint={chain['stage1']}"),
+                     RunContext(run_dir=tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "generate.json").exists()
+
+
+def _literal(text: str) -> str:
+    import re
+
+    return re.escape(text)
