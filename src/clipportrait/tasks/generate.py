@@ -117,7 +117,6 @@ def run(cfg, ctx: RunContext) -> dict:
     import re
     from pathlib import Path
 
-    import numpy as np
     import torch
 
     from ..canonical.cache import sha256_file
@@ -218,5 +217,4 @@ def run(cfg, ctx: RunContext) -> dict:
     ctx.metrics.write({"event": "generate", **record})
     console.print(f"generate: wrote {ctx.run_dir} (text {latency.get('text_encoding', float('nan')):.1f} ms/prompt, "
                   f"generation {latency.get('generation', float('nan')):.1f} ms/image)")
-    return {"run_dir": str(ctx.run_dir), **files, "latency_ms": record["latency_ms"],
-            "images": np.asarray(images.shape).tolist()}
+    return {"run_dir": str(ctx.run_dir), **files, "latency_ms": record["latency_ms"]}
