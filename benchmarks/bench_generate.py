@@ -16,15 +16,12 @@ Targets (DESIGN.md sec. 8, H100): <= 5 ms at batch 1, >= 800 portraits/s at batc
 
 from __future__ import annotations
 
-import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
 
 from benchmarks.bench_generator import precision_context
-from benchmarks.harness import Timing, common_args, report, time_fn
+from benchmarks.harness import Timing, common_args, report, time_variant
 from clipportrait.geometry.deformation import DeformationConfig
 from clipportrait.geometry.cameras import sample_ffhq_like
 from clipportrait.nn.alignment import AlignmentConfig
@@ -99,17 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     results: list[Timing] = []
 
     def run(label: str, fn, batch: int, precision: str, extra: dict) -> None:
-        try:
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            extra = {**extra, "first_call_s": round(time.perf_counter() - start, 2)}
-            results.append(time_fn(fn, name=label, batch=batch, dtype=precision, device=device,
-                                   warmup=args.warmup, runs=args.runs, extra=extra))
-        except Exception as exc:  # one failing variant (e.g. OOM) must not hide the rest
-            traceback.print_exc()
-            print(f"{label}: failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        time_variant(results, label, fn, batch=batch, dtype=precision, device=device, warmup=args.warmup,
+                     runs=args.runs, extra=extra)
 
     for precision in args.precisions.split(","):
         for batch in batches:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Timing, common_args, report, time_fn
+from benchmarks.harness import Timing, common_args, report, time_variant
 from clipportrait.geometry.cameras import ray_bundle, sample_ffhq_like
 from clipportrait.nn import build_generator, preset
 
@@ -97,18 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     results: list[Timing] = []
 
     def run(label: str, fn, batch: int, precision: str, extra: dict) -> None:
-        try:
-            # The first call pays cuDNN autotuning and, with the fast path, the channels_last algorithm search.
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            extra = {**extra, "first_call_s": round(time.perf_counter() - start, 2)}
-            results.append(time_fn(fn, name=label, batch=batch, dtype=precision, device=device,
-                                   warmup=args.warmup, runs=args.runs, extra=extra))
-        except Exception as exc:  # one failing variant (e.g. OOM, capture) must not hide the rest
-            traceback.print_exc()
-            print(f"{label}: failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        time_variant(results, label, fn, batch=batch, dtype=precision, device=device, warmup=args.warmup,
+                     runs=args.runs, extra=extra)
 
     deform_options = [False] if args.no_deform else [False, True]
     for deform in deform_options:

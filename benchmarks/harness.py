@@ -79,6 +79,27 @@ def time_fn(
     return Timing(name, batch, dtype, med, q(0.1), q(0.9), runs, batch / (med / 1e3), peak, extra or {})
 
 
+def time_variant(results: list[Timing], label: str, fn: Callable[[], object], *, batch: int, dtype: str,
+                 device: torch.device, warmup: int, runs: int, extra: dict) -> None:
+    """`time_fn` one benchmark variant into ``results``. The first call (cuDNN autotuning, the
+    channels_last algorithm search, compilation) is timed apart as extra["first_call_s"]. A failing
+    variant (OOM, graph capture) is printed and skipped so that it does not hide the others."""
+    import sys
+    import traceback
+
+    try:
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        extra = {**extra, "first_call_s": round(time.perf_counter() - start, 2)}
+        results.append(time_fn(fn, name=label, batch=batch, dtype=dtype, device=device, warmup=warmup, runs=runs,
+                               extra=extra))
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"{label}: failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
 def report(results: list[Timing], *, title: str, device: torch.device, out: str | Path | None) -> None:
     """Print a fixed-width table and write JSON with the environment next to the numbers."""
     header = f"{'benchmark':48s} {'batch':>5s} {'dtype':>9s} {'median ms':>10s} {'p10':>8s} {'p90':>8s} {'items/s':>10s} {'peak GiB':>8s}"
