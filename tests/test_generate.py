@@ -255,3 +255,19 @@ def _literal(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_depth_maps_and_video_frames_by_hand(tmp_path):
+    from clipportrait.generation.writers import depth_to_gray, write_video
+
+    depth = torch.tensor([[[[2.5, 3.0], [2.7, 3.3]]]])
+    alpha = torch.tensor([[[[1.0, 0.9], [0.8, 0.1]]]])
+    # foreground depths 2.5 (near) .. 3.0 (far) -> 255 .. 40; 2.7 -> 40 + 215 * 0.3 / 0.5 = 169; background 0
+    assert depth_to_gray(depth, alpha).tolist() == [[[255, 40], [169, 0]]]
+    frames = [np.full((40, 24, 3), 20 * k, np.uint8) for k in range(5)]
+    import imageio.v2 as imageio
+
+    with imageio.get_reader(write_video(tmp_path / "v.mp4", frames, fps=5)) as reader:
+        read = [frame for frame in reader]
+    assert len(read) == 5 and read[0].shape == (48, 32, 3)  # padded to the 16-pixel macro-blocks, not resized
+    assert abs(float(read[3][:40, :24].mean()) - 60) < 3 and float(read[3][40:].max()) < 3

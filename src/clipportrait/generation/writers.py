@@ -50,16 +50,15 @@ def write_png(path: str | Path, array: np.ndarray) -> Path:
 
 def write_video(path: str | Path, frames: Sequence[np.ndarray], fps: int) -> Path:
     """An H.264 MP4 of uint8 (H,W,3) frames with the ffmpeg binary of imageio-ffmpeg (no network).
-    H and W must be multiples of 16 (the encoder's macro-block size) so nothing is resized."""
+    Frames are padded with black to multiples of 16 (the encoder's macro-block size) rather than resized."""
     import imageio.v2 as imageio
 
     if not frames:
         raise ValueError("write_video: no frames")
-    h, w = frames[0].shape[:2]
-    if h % 16 or w % 16:
-        raise ValueError(f"write_video({path}): frames are {h}x{w}; H.264 needs multiples of 16")
     if fps < 1:
         raise ValueError(f"fps={fps}: expected >= 1")
+    h, w = frames[0].shape[:2]
+    pad = ((0, -h % 16), (0, -w % 16), (0, 0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Encode under a temporary name beside the target, renamed when complete (never half written).
@@ -67,6 +66,8 @@ def write_video(path: str | Path, frames: Sequence[np.ndarray], fps: int) -> Pat
     with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
                             quality=8, macro_block_size=16, ffmpeg_log_level="error") as writer:
         for frame in frames:
-            writer.append_data(np.ascontiguousarray(frame))
+            if frame.shape[:2] != (h, w):
+                raise ValueError(f"write_video({path}): frame of shape {frame.shape}, the first was {frames[0].shape}")
+            writer.append_data(np.ascontiguousarray(np.pad(frame, pad)))
     tmp.replace(path)
     return path

@@ -138,7 +138,7 @@ def run(cfg, ctx: RunContext) -> dict:
     yaws = turntable_yaws(t.turntable_frames, t.turntable_yaw, view.yaw_deg) if t.turntable else []
     if t.checkpoint in (None, "", "???"):
         raise UserError("task.checkpoint is not set: a Stage-2 checkpoint of task=train_stage2 "
-                             "(<run>/checkpoints/last.ckpt)")
+                        "(<run>/checkpoints/last.ckpt)")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if t.device == "auto" else t.device)
     clip = build_clip(dataclasses.replace(cfg.lvlm, device=str(device)))
     prompts = validate_prompts(gather_prompts(t.prompts, t.prompts_file), clip.tokenizer)
@@ -152,7 +152,7 @@ def run(cfg, ctx: RunContext) -> dict:
     if t.modality_gap == "mean_offset":
         if not cache:
             raise UserError("task.modality_gap=mean_offset needs the canonicalisation cache: the checkpoint "
-                                 "records none, set task.clip_cache")
+                            "records none, set task.clip_cache")
         gap = ModalityGap.estimate(clip, cache, cfg.data.path)
     engine = TextToPortrait(system, clip, gap, settings["truncation_psi"])
     text = engine.encode(prompts)  # (P,D)
