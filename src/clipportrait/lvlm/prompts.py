@@ -42,7 +42,7 @@ class ZeroShotAttribute:
 
 def synthetic_attributes() -> list[ZeroShotAttribute]:
     """The appearance attributes of the synthetic world with their full vocabularies."""
-    from ..data.synthetic import EYE_COLORS, HAIR_COLORS, HAIR_LENGTHS, LIP_COLORS, SKIN_TONES
+    from ..data.synthetic import EYE_COLORS, FRAME_COLORS, HAIR_COLORS, HAIR_LENGTHS, LIP_COLORS, SKIN_TONES
 
     lengths = [n for n in HAIR_LENGTHS if n != "bald"]
     return [
@@ -54,6 +54,7 @@ def synthetic_attributes() -> list[ZeroShotAttribute]:
         ZeroShotAttribute("eye_color", {c: (f"with {c} eyes",) for c in EYE_COLORS}),
         ZeroShotAttribute("skin_tone", {c: (f"with {c} skin",) for c in SKIN_TONES}),
         ZeroShotAttribute("lip_color", {c: (f"with {c} lips",) for c in LIP_COLORS}),
-        ZeroShotAttribute("glasses", {True: ("wearing glasses",), False: ("",)}),
+        # Captions always name the frame ("wearing gold glasses"): ensemble over the frame colours.
+        ZeroShotAttribute("glasses", {True: tuple(f"wearing {f} glasses" for f in FRAME_COLORS), False: ("",)}),
         ZeroShotAttribute("beard", {True: ("with a beard",), False: ("",)}),
     ]
