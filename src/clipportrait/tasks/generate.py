@@ -142,7 +142,10 @@ def run(cfg, ctx: RunContext) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if t.device == "auto" else t.device)
     clip = build_clip(dataclasses.replace(cfg.lvlm, device=str(device)))
     prompts = validate_prompts(gather_prompts(t.prompts, t.prompts_file), clip.tokenizer)
-    system = Stage2GAN.from_checkpoint(t.checkpoint, map_location=device).eval()
+    # FLAME cannot travel inside checkpoints: its file is wherever this machine's config says.
+    paths = {k: getattr(cfg.morphable, k) for k in ("flame_path", "flame_landmarks_path") if getattr(cfg.morphable, k)}
+    system = Stage2GAN.from_checkpoint(t.checkpoint, map_location=device,
+                                       overrides={"morphable": paths} if paths else None).eval()
     model = system.geometry.morphable
     morph = resolve_morphable(model, seeds, t.expression, t.expression_vector, t.shape_vector, t.jaw,
                               dataset_path=str(cfg.data.path))
