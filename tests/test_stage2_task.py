@@ -44,3 +44,31 @@ def test_train_stage2_resumes_and_refuses_bad_inputs(chain, tmp_path):
     for message, overrides in cases.items():
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
             train_stage2.run(compose(root, *overrides), RunContext(run_dir=tmp_path / "bad"))
+
+
+def test_text_evaluation_renders_each_prompt_under_one_conditioning(chain):
+    """evaluate_text_control: (prompts, samples) images; at alpha = 0 a prompt's images are the
+    unconditional ones (T_G ignored); every number is finite and diversity > 0 (z varies)."""
+    import torch
+
+    from clipportrait.data.datamodule import ConditioningSampler, PortraitDataset
+    from clipportrait.lvlm import build_clip
+    from clipportrait.metrics.lpips import build_lpips
+    from clipportrait.metrics.stage2 import TextEvalConfig, evaluate_text_control
+
+    cfg = compose(chain["root"], "task=train_stage2")
+    system = Stage2GAN.from_checkpoint(chain["stage2"]).eval()
+    dataset = PortraitDataset(cfg.data.path, resolution=32, flip=False, clip_cache=str(chain["cache"]))
+    clip = build_clip(cfg.lvlm)
+    settings = TextEvalConfig(attributes=["hair_color"], values_per_attribute=2, samples_per_prompt=3, alpha=0.0)
+    result = evaluate_text_control(system, clip, dataset, settings, lpips=build_lpips("alex"))
+    assert result["images"].shape == (2, 3, 3, 32, 32)
+    assert result["diversity_lpips"] > 0 and 0 <= result["silhouette_iou"] <= 1 and result["clip_score"] >= 0
+    row = ConditioningSampler(dataset, seed=0 * 7919 + 1).sample(1)
+    cond = {k: v.expand(3, *v.shape[1:]) for k, v in row.items() if k != "clip_embedding"}
+    z = torch.randn(3, system.cfg.backbone.z_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = system.generate(z, cond, G=system.G_ema, noise_mode="const")["image"].clamp(-1, 1)
+    assert torch.allclose(result["images"][1], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        evaluate_text_control(system, clip, dataset, TextEvalConfig(samples_per_prompt=1))

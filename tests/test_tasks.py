@@ -32,30 +32,40 @@ def test_make_synthetic_then_check_data_then_a_broken_copy(run_cli, tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_skips_them_on_rerun(run_cli, tmp_path):
-    """experiment=demo at toy size runs data → check → geometry → stage1 (a few training steps with the
-    surface-field deformation), writes the index page with its images, records FID/KID before and after
-    training with the protocol, and a rerun skips every stage."""
+    """experiment=demo at toy size runs data → check → geometry → lvlm → stage1 (a few training steps with
+    the surface-field deformation) → canonicalize (oracle) → stage2 → generate, writes the index page with
+    its images, records FID/KID before and after training with the protocol, and a rerun skips every stage."""
     args = ["experiment=demo", *TINY, "task.preview_samples=2", "task.overlay_size=64", "task.stage1_steps=2",
             "task.stage1_grid_every_steps=0", "evaluation.fid_samples=4", "evaluation.kid_subset_size=4",
-            "evaluation.real_max=8", "data.batch_size=2"]
-    proc = run_cli(*args, timeout=900)
+            "evaluation.real_max=8", "data.batch_size=2", "task.lvlm_steps=3", "task.stage2_steps=2",
+            "task.prompts=[a photo of a person with short red hair]"]
+    proc = run_cli(*args, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     demo = tmp_path / "outputs" / "demo"
     index = (demo / "index.md").read_text()
-    for stage in ("data", "check", "geometry", "stage1"):
+    stages = ("data", "check", "geometry", "lvlm", "stage1", "canonicalize", "stage2", "generate")
+    for stage in stages:
         assert (demo / stage / "result.json").exists()
         assert f"## {stage}" in index
-    for image in ("geometry/overlays.png", "geometry/mesh_renders.png", "stage1/grid.png", "stage1/renders.png"):
+    for image in ("geometry/overlays.png", "geometry/mesh_renders.png", "stage1/grid.png", "stage1/renders.png",
+                  "stage2/prompts_alpha1.png", "generate/neutral_grid.png", "generate/smile_grid.png"):
         assert (demo / image).stat().st_size > 0 and image in index
     stage1 = json.loads((demo / "stage1" / "result.json").read_text())
     assert stage1["steps"] == 2 and stage1["deformation"] is True
     assert [step for step, _ in stage1["fid_curve"]] == [0, 2]
     assert all(fid == fid and fid >= 0 for _, fid in stage1["fid_curve"])  # finite, not NaN
     assert stage1["protocol"]["feature_sha256"] and (demo / "stage1" / "run" / "checkpoints" / "last.ckpt").exists()
+    stage2 = json.loads((demo / "stage2" / "result.json").read_text())
+    assert stage2["steps"] == 2 and set(stage2) >= {"alpha0", "alpha1", "fid_curve"}
+    assert 0 <= stage2["alpha1"]["silhouette_iou"] <= 1 and stage2["alpha1"]["diversity_lpips"] >= 0
+    canonical = json.loads((demo / "canonicalize" / "result.json").read_text())
+    assert canonical["embed"] == "oracle"
+    generated = json.loads((demo / "generate" / "result.json").read_text())
+    assert generated["outputs"]["neutral"]["latency_ms"]["generation_per_image"] > 0
 
     proc = run_cli(*args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stderr.count("done earlier, skipped") == 4
+    assert proc.stderr.count("done earlier, skipped") == len(stages)
 
 
 @pytest.mark.slow

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-EMBED_MODES = ("canonical", "raw")  # raw: the dataset image itself (the "no canonicalisation" ablation, Fig. 4)
+# canonical: E_img(x_hat) by GAN inversion (eq. 9-10); raw: the dataset image itself (the "no
+# canonicalisation" ablation, Fig. 4); oracle: the synthetic world's own canonical re-render (canonical.oracle)
+EMBED_MODES = ("canonical", "raw", "oracle")
 ON_CORRUPT = ("recompute", "error")
 
 W_SPACES = ("w", "w_plus")

@@ -51,7 +51,7 @@ def embed_pair(clip, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def compute_shard(dataset, positions: range, clip, embed: str, inverter: Inverter | None, batch_size: int,
-                  render_size: int) -> dict[str, np.ndarray]:
+                  render_size: int, oracle=None) -> dict[str, np.ndarray]:
     """The arrays of one shard: dataset items ``positions`` (unflipped copies), in that order."""
     parts: dict[str, list[np.ndarray]] = {}
 
@@ -64,6 +64,11 @@ def compute_shard(dataset, positions: range, clip, embed: str, inverter: Inverte
         add("names", np.array([dataset.index.names[int(i)] for i in batch["index"]]))
         if embed == "raw":
             r, r_flipped = embed_pair(clip, batch["image"])
+        elif embed == "oracle":
+            x_hat = oracle([dataset.index.names[int(i)] for i in batch["index"]])
+            r, r_flipped = embed_pair(clip, x_hat)
+            if render_size > 0:
+                add("canonical", small_uint8(x_hat, min(render_size, x_hat.shape[-1])))
         else:
             cond = {k: batch[k] for k in ("camera", "shape", "expression", "pose", "flip")}
             result = inverter.invert(batch["image"], cond)
@@ -83,13 +88,15 @@ def compute_shard(dataset, positions: range, clip, embed: str, inverter: Inverte
 
 def canonicalize_dataset(dataset, clip, writer: CacheWriter, embed: str, inverter: Inverter | None = None,
                          batch_size: int = 8, render_size: int = 64,
-                         on_shard: Callable[[ShardStats], None] | None = None) -> dict:
+                         on_shard: Callable[[ShardStats], None] | None = None, oracle=None) -> dict:
     """Compute every pending shard of ``writer`` and mark the cache complete. ``dataset`` is a
     `PortraitDataset` without flip augmentation, at the generator's resolution for ``canonical``."""
     if embed not in EMBED_MODES:
         raise ValueError(f"embed={embed!r}: expected one of {EMBED_MODES}")
     if embed == "canonical" and inverter is None:
         raise ValueError("embed='canonical' needs an Inverter (a Stage-1 checkpoint)")
+    if embed == "oracle" and oracle is None:
+        raise ValueError("embed='oracle' needs a SyntheticOracle (canonical.oracle)")
     if batch_size < 1 or render_size < 0:
         raise ValueError(f"batch_size={batch_size}, render_size={render_size}: expected >= 1 and >= 0")
     if dataset.flip:
@@ -102,7 +109,7 @@ def canonicalize_dataset(dataset, clip, writer: CacheWriter, embed: str, inverte
     for shard in pending:
         t0 = time.perf_counter()
         positions = writer.rows(shard)
-        arrays = compute_shard(dataset, positions, clip, embed, inverter, batch_size, render_size)
+        arrays = compute_shard(dataset, positions, clip, embed, inverter, batch_size, render_size, oracle)
         writer.write(shard, arrays)
         images += len(positions)
         stats = ShardStats(shard, len(positions), time.perf_counter() - t0,

@@ -63,15 +63,34 @@ def upfirdn2d(
     x = x[:, :, max(-top, 0) : x.shape[2] - max(-bottom, 0), max(-left, 0) : x.shape[3] - max(-right, 0)]
     # conv2d correlates, so flip the filter to get a true convolution (matters for asymmetric taps).
     taps = f.flip(0).to(dtype=x.dtype, device=x.device) * math.sqrt(gain)
+    if up == 1:
+        # The discriminator's path (and the blur): R1 differentiates it twice. PyTorch's double backward
+        # of a depthwise conv loops over the groups, and of a single-channel conv on (B*C,1,H,W) it took
+        # 198 s per R1 call at eg3d_512 on an H100; a weighted sum of strided slices has a trivially
+        # cheap double backward.
+        return _fir_by_slices(_fir_by_slices(x, taps, down, dim=3), taps, down, dim=2)
     k = taps.numel()
-    # Every channel is filtered alike, so filter (B*C, 1, H, W) single-channel images rather than use a
-    # depthwise (grouped) conv: PyTorch's double backward of a grouped conv loops over the groups
-    # (~500 convolutions per layer), which made R1 (a gradient of a gradient) take 45 s on an H100.
+    # Every channel is filtered alike: filter (B*C, 1, H, W) single-channel images.
     height, width = x.shape[-2:]
     x = x.reshape(batch * channels, 1, height, width)
     x = F.conv2d(x, taps.view(1, 1, 1, k), stride=(1, down))
     x = F.conv2d(x, taps.view(1, 1, k, 1), stride=(down, 1))
     return x.reshape(batch, channels, x.shape[-2], x.shape[-1])
+
+
+def _fir_by_slices(x: torch.Tensor, taps: torch.Tensor, down: int, dim: int) -> torch.Tensor:
+    """Correlate ``x`` with 1-D ``taps`` along ``dim`` (valid part) and keep every ``down``-th output."""
+    k, size = taps.numel(), x.shape[dim]
+    out_size = (size - k) // down + 1
+    if out_size < 1:
+        raise ValueError(f"upfirdn2d: {size} pixels along dim {dim} after padding, fewer than the {k} filter taps")
+    out = None
+    for j in range(k):  # taps[j] is a 0-d view: no host synchronisation on CUDA
+        part = x.narrow(dim, j, (out_size - 1) * down + 1)
+        if down > 1:
+            part = part[(slice(None),) * dim + (slice(None, None, down),)]
+        out = part * taps[j] if out is None else torch.addcmul(out, part, taps[j])
+    return out
 
 
 def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:

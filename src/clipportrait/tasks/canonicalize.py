@@ -5,6 +5,7 @@ canonicalisation cache (DESIGN.md section 6) that Stage 2 reads through ``data.c
     python run.py task=canonicalize task.checkpoint=<stage-1 run>/checkpoints/last.ckpt data.path=<dataset>
     python run.py task=canonicalize ... task.inversion.steps=500 task.inversion.space=w_plus
     python run.py task=canonicalize ... task.embed=raw       # the "no canonicalisation" ablation (Fig. 4)
+    python run.py task=canonicalize ... task.embed=oracle    # synthetic world: its own canonical re-render
 
 Killed runs continue where they stopped when started again with the same ``task.out`` (finished
 shards are kept, checked by sha256). Writes, besides the cache: ``<out>/report/`` (LPIPS histogram,
@@ -28,6 +29,7 @@ class Schema(TaskConfig):
     name: str = "canonicalize"
     checkpoint: Optional[str] = None  # Stage-1 checkpoint (EMA generator); required for embed=canonical
     embed: str = "canonical"  # canonical: E_img(x_hat) (eq. 10) | raw: E_img(x), no inversion (Fig. 4 ablation)
+    #                           | oracle: the synthetic world's exact canonical re-render (canonical.oracle)
     data_path: str = "${data.path}"
     out: str = "${paths.output_dir}/canonical/${task.embed}"  # the cache directory
     device: str = "auto"  # auto: cuda when available
@@ -99,6 +101,12 @@ def run(cfg, ctx: RunContext) -> dict:
         resolution = inverter.resolution
     else:
         resolution = cfg.data.resolution
+    oracle = None
+    if t.embed == "oracle":
+        from ..canonical.oracle import SyntheticOracle
+        from ..geometry.morphable import build_morphable
+
+        oracle = SyntheticOracle(data_path, build_morphable(cfg.morphable), resolution)
     clip = build_clip(dataclasses.replace(cfg.lvlm, device=str(device)))
     dataset = PortraitDataset(data_path, resolution=resolution, flip=False, skip_bad=cfg.data.skip_bad,
                               verify_pixels=cfg.data.verify_pixels)
@@ -119,7 +127,8 @@ def run(cfg, ctx: RunContext) -> dict:
 
     console.print(f"canonicalize: {dataset.num_images} images, embed={t.embed}, {writer.num_shards} shards "
                   f"of {t.shard_size} -> {writer.directory}")
-    timing = canonicalize_dataset(dataset, clip, writer, t.embed, inverter, t.batch_size, t.render_size, on_shard)
+    timing = canonicalize_dataset(dataset, clip, writer, t.embed, inverter, t.batch_size, t.render_size, on_shard,
+                                  oracle)
     result = {"cache": str(writer.directory), "embed": t.embed, "images": dataset.num_images,
               "lvlm_model_id": clip.model_id, "dataset_hash": dataset_hash, **timing}
     if t.embed == "canonical":
