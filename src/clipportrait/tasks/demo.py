@@ -41,7 +41,7 @@ class Schema(TaskConfig):
     out_dir: str = "${paths.output_dir}/demo"
     preview_samples: int = 8
     overlay_size: int = 256  # images are upscaled to this size before the mesh is drawn on them
-    stage1_steps: int = 120  # Stage-1 training steps (batch data.batch_size); ~8 min on 2 CPU cores
+    stage1_steps: int = 100  # Stage-1 training steps (batch data.batch_size); ~7 min on 2 CPU cores
     stage1_grid_every_steps: int = 50
     lvlm_steps: int = 0  # small-LVLM training steps (0: train_lvlm's default)
     # Canonicalisation: "oracle" re-renders each synthetic item canonically (what a perfect inversion gives;
@@ -53,7 +53,7 @@ class Schema(TaskConfig):
     prompts: list[str] = field(default_factory=lambda: [
         "a photo of a person with short red hair", "a photo of a person with short blonde hair",
         "a photo of a person with short black hair and blue eyes", "a photo of a person with dark skin"])
-    stage2_steps: int = 60  # Stage-2 training steps (batch data.batch_size)
+    stage2_steps: int = 50  # Stage-2 training steps (batch data.batch_size); ~5 min on 2 CPU cores
     stage2_train: str = "all"  # all | alignment (see task=train_stage2)
     force: bool = False
 
