@@ -17,18 +17,21 @@ from pathlib import Path
 
 
 def last_fid(checkpoint: Path) -> dict | None:
-    metrics = checkpoint.parent.parent / "metrics.jsonl"
-    if not metrics.exists():
-        return None
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    evaluations = [r for r in records if r.get("event") == "evaluation"]
-    return {"fid": evaluations[-1]["fid"], "kid": evaluations[-1]["kid"], "step": evaluations[-1]["step"]} \
-        if evaluations else None
+    """The last FID record of the run: <run>/eval/metrics.jsonl (task=evaluate) or the training's own."""
+    run = checkpoint.parent.parent
+    for metrics in (run / "eval" / "metrics.jsonl", run / "metrics.jsonl"):
+        if not metrics.exists():
+            continue
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        evaluations = [r for r in records if r.get("event") == "evaluation"]
+        if evaluations:
+            last = evaluations[-1]
+            return {"fid": last["fid"], "kid": last["kid"], "step": last["step"], "source": str(metrics),
+                    "fid_samples": last["protocol"].get("num_fakes", last["protocol"].get("fid_samples"))}
+    return None
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import torch
-
     from clipportrait.data.datamodule import PortraitDataset
     from clipportrait.lvlm import build_clip
     from clipportrait.lvlm.config import LVLMConfig
@@ -36,6 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     from clipportrait.metrics.lpips import build_lpips
     from clipportrait.metrics.stage2 import TextEvalConfig, evaluate_text_control
     from clipportrait.systems.stage2 import Stage2GAN
+
+    import torch
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
@@ -45,16 +50,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=8, help="samples per prompt")
     p.add_argument("--values", type=int, default=4, help="values per attribute")
     p.add_argument("--out", required=True)
+    # CPU by default: on CUDA the colour probes hit a device mismatch (a CPU tensor in a bmm), not yet fixed
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
-    clip = build_clip(LVLMConfig(arch=args.lvlm_arch, kind="project", weights=args.lvlm_weights))
+    device = torch.device(args.device)
+    clip = build_clip(LVLMConfig(arch=args.lvlm_arch, kind="project", weights=args.lvlm_weights, device=str(device)))
     dataset = PortraitDataset(args.data, flip=False)
     lpips = build_lpips("alex")
     results = {}
     probes = None
     for spec in args.run:
         name, checkpoint = spec.split("=", 1)
-        system = Stage2GAN.from_checkpoint(checkpoint).eval()
+        system = Stage2GAN.from_checkpoint(checkpoint, map_location=device).eval()
         if probes is None:
             probes = {a: ColorProbe.fit(args.data, a, morphable=system.geometry.morphable)
                       for a in ("hair_color", "eye_color", "skin_tone")}
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
                "fid": last_fid(Path(checkpoint))}
         for alpha in (1.0, 0.0):
             settings = TextEvalConfig(samples_per_prompt=args.samples, values_per_attribute=args.values, alpha=alpha)
-            r = evaluate_text_control(system, clip, dataset, settings, lpips=lpips, probes=probes)
+            r = evaluate_text_control(system, clip, dataset, settings, lpips=lpips, probes=probes, device=device)
             row[f"alpha{alpha:g}"] = {k: r[k] for k in ("clip_score", "diversity_lpips", "silhouette_iou",
                                                          "text_control_accuracy") if k in r}
         results[name] = row

@@ -72,3 +72,17 @@ def test_text_evaluation_renders_each_prompt_under_one_conditioning(chain):
     assert torch.allclose(result["images"][1], expected, atol=1e-6)
     with pytest.raises(ValueError, match="samples_per_prompt"):
         evaluate_text_control(system, clip, dataset, TextEvalConfig(samples_per_prompt=1))
+
+
+def test_evaluate_reads_a_stage2_checkpoint_with_its_recorded_cache(chain, tmp_path):
+    """task=evaluate on a Stage-2 checkpoint: the fakes are conditioned on the cache the checkpoint
+    recorded (alpha = 1); the record names the system and the cache."""
+    from clipportrait.tasks import evaluate
+
+    cfg = compose(chain["root"], "task=evaluate", f"task.checkpoint={chain['stage2']}", "evaluation.fid_samples=4",
+                  "evaluation.kid_subset_size=4", "evaluation.real_max=8", "evaluation.batch_size=4")
+    ctx = RunContext(run_dir=tmp_path / "eval")
+    result = evaluate.run(cfg, ctx)
+    assert result["fid"] == result["fid"] and result["fid"] >= 0
+    record = [r for r in ctx.metrics.read() if r["event"] == "evaluation"][-1]
+    assert record["protocol"]["system"] == "Stage2GAN" and record["protocol"]["clip_cache"] == str(chain["cache"])

@@ -193,7 +193,7 @@ def evaluate(encoder: ClipEncoder, pairs: CaptionPairs, rows: np.ndarray, embed_
         texts = encoder.encode_text([captions[i][0] for i in rows])
         scale = encoder.model.logit_scale.exp().float()
         losses = [float(ClipLoss()(a, b, scale)) for a, b in zip(images.split(256), texts.split(256)) if len(a) > 1]
-        retrieval = float(((images @ texts.T).argmax(dim=1) == torch.arange(len(rows))).float().mean())
+        retrieval = float(((images @ texts.T).argmax(dim=1) == torch.arange(len(rows), device=images.device)).float().mean())
         zero_shot = zero_shot_accuracy(images, [pairs.attributes[i] for i in rows], synthetic_attributes(),
                                        embed_texts or encoder.encode_text)
     finally:

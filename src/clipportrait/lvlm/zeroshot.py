@@ -36,8 +36,8 @@ def zero_shot_accuracy(
         if not rows:
             continue
         truth = torch.tensor([attribute.values.index(labels[i][attribute.name]) for i in rows])
-        scores = image_embeddings[rows].float() @ class_embeddings(embed_texts, attribute, templates).T
-        predicted = scores.argmax(dim=1)
+        classes = class_embeddings(embed_texts, attribute, templates).to(image_embeddings.device)
+        predicted = (image_embeddings[rows].float() @ classes.T).argmax(dim=1).cpu()  # any device in, CPU out
         counts = torch.bincount(truth, minlength=len(attribute.values))
         results[attribute.name] = {
             "accuracy": float((predicted == truth).float().mean()),

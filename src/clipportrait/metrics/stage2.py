@@ -115,6 +115,11 @@ def evaluate_text_control(system, clip, dataset, settings: TextEvalConfig, lpips
         rows = [k for k, (_, a, _) in enumerate(prompts) if a == attribute]
         per = {"prompts": len(rows)}
         if probes and attribute in probes:
+            # Only the values the probe was calibrated on can be read back (a small dataset may lack some).
+            unknown = [prompts[k][2] for k in rows if prompts[k][2] not in probes[attribute].classes]
+            rows = [k for k in rows if prompts[k][2] in probes[attribute].classes]
+            per["values_without_probe_class"] = unknown
+        if probes and attribute in probes and rows:
             idx = torch.tensor([k * n + j for k in rows for j in range(n)])
             sub = {key: value[idx.to(value.device)] for key, value in cond_all.items()}
             acc = text_control_accuracy(probes[attribute], flat[idx], sub,

@@ -1,10 +1,11 @@
-"""task=evaluate — FID/KID of a Stage-1 checkpoint, by the same code path as training-time evaluation.
+"""task=evaluate — FID/KID of a Stage-1 or Stage-2 checkpoint, by the same code path as training-time evaluation.
 
     python run.py task=evaluate task.checkpoint=<run>/checkpoints/last.ckpt data.path=<dataset>
     python run.py task=evaluate task.checkpoint=... evaluation.fid_samples=50000   # EG3D fid50k_full
 
 The protocol is the `evaluation` group's. The EMA generator renders ``evaluation.fid_samples`` fakes with cameras and morphable parameters drawn from the
-dataset; real statistics cover every image of the dataset (or ``evaluation.real_max``) and are cached under
+dataset (for a Stage-2 checkpoint also the CLIP embedding of the drawn row, from ``data.clip_cache`` or
+the cache the checkpoint recorded, at alpha = 1); real statistics cover every image of the dataset (or ``evaluation.real_max``) and are cached under
 ``paths.cache_dir`` by the dataset's content hash. One record with the protocol goes to metrics.jsonl.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from .base import RunContext, TaskConfig
 
-DESCRIPTION = "FID/KID of a Stage-1 checkpoint (fid50k_full protocol, cached real statistics)"
+DESCRIPTION = "FID/KID of a Stage-1 or Stage-2 checkpoint (fid50k_full protocol, cached real statistics)"
 
 
 @dataclass
@@ -29,7 +30,8 @@ def run(cfg, ctx: RunContext) -> dict:
     from ..data.datamodule import PortraitDataset
     from ..errors import UserError
     from ..systems.callbacks import evaluate_system, real_statistics
-    from ..systems.stage1 import Stage1GAN
+    from ..systems.stage1 import CHECKPOINT_KEY, Stage1GAN, load_checkpoint
+    from ..systems.stage2 import Stage2GAN
 
     t = cfg.task
     try:
@@ -40,12 +42,25 @@ def run(cfg, ctx: RunContext) -> dict:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(t.device)
-    system = Stage1GAN.from_checkpoint(t.checkpoint, map_location=device).eval()
+    kind = load_checkpoint(t.checkpoint)[CHECKPOINT_KEY].get("kind", "Stage1GAN")
+    system_class = {"Stage1GAN": Stage1GAN, "Stage2GAN": Stage2GAN}.get(kind)
+    if system_class is None:
+        raise UserError(f"checkpoint {t.checkpoint} holds a {kind}: task=evaluate reads Stage1GAN and Stage2GAN checkpoints")
+    system = system_class.from_checkpoint(t.checkpoint, map_location=device).eval()
     resolution = system.cfg.backbone.img_resolution
-    dataset = PortraitDataset(cfg.data.path, resolution=resolution, flip=cfg.data.flip, skip_bad=cfg.data.skip_bad,
-                              verify_pixels=cfg.data.verify_pixels)
+    clip_cache = None
+    if kind == "Stage2GAN":
+        clip_cache = cfg.data.clip_cache or system.cfg.clip_cache or None
+        if not clip_cache:
+            raise UserError(f"{t.checkpoint} is a Stage-2 checkpoint: set data.clip_cache to its canonicalisation cache "
+                            "(the fakes are conditioned on the embeddings of the dataset rows they are drawn from)")
+    dataset = PortraitDataset(cfg.data.path, resolution=resolution, flip=cfg.data.flip, clip_cache=clip_cache,
+                              skip_bad=cfg.data.skip_bad, verify_pixels=cfg.data.verify_pixels)
     stats = real_statistics(dataset, cfg.evaluation, cfg.paths.cache_dir, device)
     record = evaluate_system(system, dataset, stats, cfg.evaluation, device)
     record["protocol"]["checkpoint"] = str(t.checkpoint)
+    record["protocol"]["system"] = kind
+    if clip_cache:
+        record["protocol"]["clip_cache"] = str(clip_cache)
     ctx.metrics.write({"event": "evaluation", "step": system.step_count, **record})
     return {"fid": record["fid"], "kid": record["kid"], "fid_samples": cfg.evaluation.fid_samples}
