@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_generator import precision_context
-from benchmarks.harness import Timing, common_args, report, time_variant
+from benchmarks.harness import Timing, common_args, report, set_cuda_math, time_variant
 from clipportrait.geometry.deformation import DeformationConfig
 from clipportrait.geometry.cameras import sample_ffhq_like
 from clipportrait.nn.alignment import AlignmentConfig
@@ -82,9 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        set_cuda_math(tf32=True, autotune=True)
     arch = args.arch or ("clipportrait-tiny" if args.small else "ViT-B-32")
     clip, tokenizer = build_text_tower(arch, device)
     with torch.no_grad():

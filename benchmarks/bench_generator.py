@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Timing, common_args, report, time_variant
+from benchmarks.harness import Timing, common_args, report, set_cuda_math, time_variant
 from clipportrait.geometry.cameras import ray_bundle, sample_ffhq_like
 from clipportrait.nn import build_generator, preset
 
@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        set_cuda_math(tf32=True, autotune=True)
     name = "tiny" if args.small else "eg3d_512"
     # --small only checks the script: a coarser render keeps it to a few minutes on a busy CPU.
     g_cfg, _ = preset(name, neural_rendering_resolution=16, depth_samples=8, importance_samples=8) if args.small \

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Timing, common_args, report, time_fn
+from benchmarks.harness import Timing, common_args, report, set_cuda_math, time_fn
 from clipportrait.geometry.cameras import sample_ffhq_like
 from clipportrait.geometry.deformation import DeformationConfig
 from clipportrait.losses import RegularizerConfig
@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.small:
         args.batch = min(args.batch, 4)
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
-    torch.backends.cudnn.allow_tf32 = not args.no_tf32
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    set_cuda_math(tf32=not args.no_tf32, autotune=args.cudnn_benchmark)
     system, batch = build(args, device)
     opt_g, opt_d = system.configure_optimizers()
     reg = system.cfg.regularizer

@@ -125,6 +125,13 @@ def report(results: list[Timing], *, title: str, device: torch.device, out: str 
         print(f"wrote {out}")
 
 
+def set_cuda_math(tf32: bool = True, autotune: bool = False) -> None:
+    """TF32 matmuls/convolutions on or off, and cuDNN autotuning (no effect without CUDA)."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = autotune
+
+
 def common_args(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

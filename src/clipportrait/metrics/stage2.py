@@ -81,7 +81,7 @@ def evaluate_text_control(system, clip, dataset, settings: TextEvalConfig, lpips
     if modality_offset is not None:
         texts = torch.nn.functional.normalize(texts + modality_offset.to(device), dim=1)
     all_images, all_alpha, conds = [], [], []
-    for k, (_, _, _) in enumerate(prompts):
+    for k in range(len(prompts)):
         sampler = ConditioningSampler(dataset, seed=settings.seed * 7919 + k, device=device)
         row = sampler.sample(1)
         cond = {key: value.expand(n, *value.shape[1:]).to(device) for key, value in row.items()}

@@ -25,6 +25,7 @@ At step 0 Stage 2 renders exactly Stage 1's images for any alpha (T_G = T_D = 0)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +76,7 @@ class Stage2GAN(Stage1GAN):
         super().__init__(cfg, conditioning, metrics_log)
         self.G.align = AlignmentNetwork(self.G.mapping.w_dim, cfg.alignment.embed_dim, cfg.alignment)  # T_G, eq. 11
         self.D.align = AlignmentNetwork(self.D.cmap_dim, cfg.alignment.embed_dim, cfg.alignment)  # T_D, eq. 14
-        self.G_ema.align = AlignmentNetwork(self.G.mapping.w_dim, cfg.alignment.embed_dim, cfg.alignment)
-        self.G_ema.align.load_state_dict(self.G.align.state_dict())
-        self.G_ema.align.eval().requires_grad_(False)
+        self.G_ema.align = copy.deepcopy(self.G.align).eval().requires_grad_(False)
 
     @staticmethod
     def config_class() -> type:
