@@ -53,6 +53,14 @@ def random_batch(system: Stage1GAN, batch: int, device: torch.device) -> tuple[t
     return images.to(device), {k: v.to(device) for k, v in cond.items()}
 
 
+def random_lpips(device: torch.device) -> torch.nn.Module:
+    """LPIPS-VGG with random trunk and heads: the same layers and cost as the real metric, for timing
+    where the weights are not at hand (nothing is downloaded)."""
+    import lpips
+
+    return lpips.LPIPS(pretrained=False, net="vgg", pnet_rand=True, verbose=False).eval().requires_grad_(False).to(device)
+
+
 def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -66,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-deformation", action="store_true")
     p.add_argument("--lpips-resolution", type=int, default=0, help="compare at this size (0: output size)")
     p.add_argument("--lpips-weights", default=None, help="LPIPS state dict (default: the offline asset)")
+    p.add_argument("--random-lpips", action="store_true",
+                   help="LPIPS-VGG with random weights (timing only: the cost does not depend on the weights)")
     p.add_argument("--full", action="store_true", help="also time one whole inversion per batch")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -78,12 +88,14 @@ def main(argv: list[str] | None = None) -> None:
         batches, steps = [b for b in batches if b <= 2] or [1], min(steps, 3)
     system = build_system(name, not args.no_deformation, device)
     cfg = InversionConfig(steps=steps, lpips_resolution=args.lpips_resolution, w_avg_samples=1000)
-    inverter = Inverter(system, cfg, lpips=build_lpips("vgg", device=device, weights=args.lpips_weights))
+    lpips = random_lpips(device) if args.random_lpips else build_lpips("vgg", device=device, weights=args.lpips_weights)
+    inverter = Inverter(system, cfg, lpips=lpips)
     clip = build_clip(LVLMConfig(kind="random", weights=None, device=str(device)))
     tag = ("tf32" if not args.no_tf32 else "fp32") + ("" if not args.no_deformation else " rigid")
     extra = {"preset": name, "steps": steps, "deformation": not args.no_deformation,
              "lpips_resolution": args.lpips_resolution or system.cfg.backbone.img_resolution,
-             "clip": "clipportrait-tiny (random weights)", "target_images_per_s": TARGET_IMAGES_PER_S}
+             "clip": "clipportrait-tiny (random weights)", "target_images_per_s": TARGET_IMAGES_PER_S,
+             "lpips_weights": "random" if args.random_lpips else "vgg v0.1"}
     runs = max(args.runs, 20)
     results: list[Timing] = []
     for batch in batches:

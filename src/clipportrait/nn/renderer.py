@@ -40,6 +40,40 @@ def stratified_depths(
     return depths.contiguous()
 
 
+def interval_weights(depths: torch.Tensor, raw_density: torch.Tensor, density_bias: float = -1.0) -> torch.Tensor:
+    """Compositing weights T_k alpha_k (B, R, S-1, 1) of the intervals between depth-sorted samples
+    (eq. 3 with the mid-point density), in float32 or wider."""
+    with torch.autocast(device_type=depths.device.type, enabled=False):
+        dtype = torch.promote_types(depths.dtype, torch.float32)  # never below float32 (bf16 cumprod drifts)
+        depths, raw_density = depths.to(dtype), raw_density.to(dtype)
+        deltas = depths[:, :, 1:] - depths[:, :, :-1]
+        sigma = F.softplus((raw_density[:, :, 1:] + raw_density[:, :, :-1]) * 0.5 + density_bias)
+        alpha = 1.0 - torch.exp(-sigma * deltas)
+        # Exclusive cumulative product = transmittance before each interval; 1e-10 keeps it > 0.
+        trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :, :1]), 1.0 - alpha + 1e-10], dim=2), dim=2)
+        return alpha * trans[:, :, :-1]
+
+
+def sample_weights(weights: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights (B, R, S, 1) u_j = (w_{j-1} + w_j) / 2 (w_{-1} = w_{S-1} = 0) of interval
+    weights (B, R, S-1, 1): sum_k w_k (f_k + f_{k+1}) / 2 = sum_j u_j f_j, so the mid-point features of
+    eq. 3 are never materialised and the sum can run over the samples in any order."""
+    padded = F.pad(weights, (0, 0, 1, 1))
+    return (padded[:, :, 1:] + padded[:, :, :-1]) * 0.5
+
+
+def _finish(depths: torch.Tensor, weights: torch.Tensor, weighted_features: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Outputs of compositing from sorted depths, interval weights and sum_j u_j f_j."""
+    weight_total = weights.sum(dim=2)
+    mid_depths = (depths[:, :, 1:] + depths[:, :, :-1]) * 0.5
+    # Normalised depth; rays that hit nothing report the far end (as EG3D after its clamp).
+    t_min, t_max = depths[:, :, 0], depths[:, :, -1]
+    depth = (weights * mid_depths).sum(dim=2) / weight_total.clamp_min(1e-10)
+    depth = torch.where(weight_total > 1e-10, depth, t_max)
+    depth = torch.minimum(torch.maximum(depth, t_min), t_max)
+    return {"features": weighted_features * 2.0 - 1.0, "depth": depth, "alpha": weight_total, "weights": weights}
+
+
 def composite(
     depths: torch.Tensor, features: torch.Tensor, raw_density: torch.Tensor, density_bias: float = -1.0
 ) -> dict[str, torch.Tensor]:
@@ -55,24 +89,10 @@ def composite(
             f"{tuple(raw_density.shape)}: expected (B, R, S>=2, 1), (B, R, S, C), (B, R, S, 1)"
         )
     with torch.autocast(device_type=depths.device.type, enabled=False):
-        dtype = torch.promote_types(depths.dtype, torch.float32)  # never below float32 (bf16 cumprod drifts)
-        depths, features, raw_density = depths.to(dtype), features.to(dtype), raw_density.to(dtype)
-        deltas = depths[:, :, 1:] - depths[:, :, :-1]
-        mid_features = (features[:, :, 1:] + features[:, :, :-1]) * 0.5
-        mid_depths = (depths[:, :, 1:] + depths[:, :, :-1]) * 0.5
-        sigma = F.softplus((raw_density[:, :, 1:] + raw_density[:, :, :-1]) * 0.5 + density_bias)
-        alpha = 1.0 - torch.exp(-sigma * deltas)
-        # Exclusive cumulative product = transmittance before each interval; 1e-10 keeps it > 0.
-        trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :, :1]), 1.0 - alpha + 1e-10], dim=2), dim=2)
-        weights = alpha * trans[:, :, :-1]
-        weight_total = weights.sum(dim=2)
-        feature_out = (weights * mid_features).sum(dim=2) * 2.0 - 1.0
-        # Normalised depth; rays that hit nothing report the far end (as EG3D after its clamp).
-        t_min, t_max = depths[:, :, 0], depths[:, :, -1]
-        depth = (weights * mid_depths).sum(dim=2) / weight_total.clamp_min(1e-10)
-        depth = torch.where(weight_total > 1e-10, depth, t_max)
-        depth = torch.minimum(torch.maximum(depth, t_min), t_max)
-    return {"features": feature_out, "depth": depth, "alpha": weight_total, "weights": weights}
+        dtype = torch.promote_types(depths.dtype, torch.float32)
+        depths, features = depths.to(dtype), features.to(dtype)
+        weights = interval_weights(depths, raw_density, density_bias)
+        return _finish(depths, weights, (sample_weights(weights) * features).sum(dim=2))
 
 
 def importance_depths(depths: torch.Tensor, weights: torch.Tensor, num_samples: int, perturb: bool) -> torch.Tensor:
@@ -121,7 +141,12 @@ def render_rays(
     perturb: bool = True,
     density_bias: float = -1.0,
 ) -> dict[str, torch.Tensor]:
-    """Render rays (B, R, 3) through ``field``: stratified + importance passes, then composite."""
+    """Render rays (B, R, 3) through ``field``: stratified + importance passes, then composite.
+
+    The coarse pass's weights only place the importance samples (no gradient, as in EG3D). The union
+    of both passes is composited in depth order; only depths and densities are sorted: the per-sample
+    weights are put back in evaluation order and the features summed there (``sample_weights``), which
+    spares sorting and concatenating the (B, R, S, C) feature tensors."""
     if origins.ndim != 3 or origins.shape[-1] != 3 or dirs.shape != origins.shape:
         raise ValueError(
             f"origins {tuple(origins.shape)}, dirs {tuple(dirs.shape)}: expected matching (B, R, 3) tensors"
@@ -129,14 +154,20 @@ def render_rays(
     batch, rays, _ = origins.shape
     depths = stratified_depths(batch, rays, num_coarse, ray_start, ray_end, perturb, origins.device)
     features, raw_density = _evaluate(field, origins, dirs, depths)
-    if num_importance > 0:
-        coarse = composite(depths, features, raw_density, density_bias)
-        fine_depths = importance_depths(depths, coarse["weights"], num_importance, perturb)
-        fine_features, fine_density = _evaluate(field, origins, dirs, fine_depths)
+    if num_importance == 0:
+        return composite(depths, features, raw_density, density_bias)
+    with torch.no_grad():
+        coarse_weights = interval_weights(depths, raw_density, density_bias)
+    fine_depths = importance_depths(depths, coarse_weights, num_importance, perturb)
+    fine_features, fine_density = _evaluate(field, origins, dirs, fine_depths)
+    with torch.autocast(device_type=depths.device.type, enabled=False):
         depths = torch.cat([depths, fine_depths], dim=2)
         order = torch.argsort(depths, dim=2)
         depths = depths.gather(2, order)
-        features = torch.cat([features, fine_features], dim=2)
-        features = features.gather(2, order.expand(-1, -1, -1, features.shape[-1]))
-        raw_density = torch.cat([raw_density, fine_density], dim=2).gather(2, order)
-    return composite(depths, features, raw_density, density_bias)
+        weights = interval_weights(depths, torch.cat([raw_density, fine_density], dim=2).gather(2, order), density_bias)
+        # Per-sample weights back in evaluation order (scatter is gather's inverse for a permutation).
+        unsorted = torch.zeros_like(depths).scatter(2, order, sample_weights(weights))
+        dtype = weights.dtype
+        weighted = (unsorted[:, :, :num_coarse] * features.to(dtype)).sum(dim=2) + (
+            unsorted[:, :, num_coarse:] * fine_features.to(dtype)).sum(dim=2)
+        return _finish(depths, weights, weighted)
