@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode")
     parser.add_argument("--cuda-graphs", action="store_true", help="also time batch-1 replayed as a CUDA graph")
     parser.add_argument("--no-deform", action="store_true", help="skip the with-deformation rows")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="skip the main table: only the batch-1 --compile / --cuda-graphs variants")
     parser.add_argument("--faces", type=int, default=2500, help="triangles of the deformation mesh")
     parser.add_argument("--eager", action="store_true",
                         help="cuda_fast_path=False: the NCHW reference path")
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                      runs=args.runs, extra=extra)
 
     deform_options = [False] if args.no_deform else [False, True]
-    for deform in deform_options:
+    for deform in [] if args.latency_only else deform_options:
         for precision in ("tf32", "bf16"):
             tag = f"{'deform' if deform else 'rigid'} {precision}"
             for batch, mode in ((b_lat, "forward"), (b_thr, "forward"), (b_train, "fwd+bwd")):
@@ -136,19 +138,25 @@ def main(argv: list[str] | None = None) -> None:
         c = sample_ffhq_like(b_lat, generator=torch.Generator().manual_seed(1)).to(device)
         origins, dirs = ray_bundle(c, g_cfg.neural_rendering_resolution)
 
-        def core(z: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
-            return G.render(G.mapping(z), origins, dirs)["image"]
+        bind, n_faces = make_deformer(b_lat, device, faces)
 
-        for precision in ("tf32", "bf16"):
+        for deform, precision in [(d, p) for d in deform_options for p in ("tf32", "bf16")]:
+            tag = f"{'deform' if deform else 'rigid'} {precision}"
+
+            def core(z: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor, deform=deform) -> torch.Tensor:
+                # Bound inside, so a captured graph contains the deformation's grid build too.
+                return G.render(G.mapping(z), origins, dirs, bind() if deform else None)["image"]
+
             def eager(precision=precision, step=core):
                 with torch.inference_mode(), precision_context(precision, device):
                     return step(z, origins, dirs)
 
-            extra = {"preset": name, "params": G_params, "rays": "precomputed"}
-            run(f"G mapping+render rigid {precision} eager", eager, b_lat, precision, extra)
+            extra = {"preset": name, "params": G_params, "rays": "precomputed",
+                     "deformation_faces": n_faces if deform else 0}
+            run(f"G mapping+render {tag} eager", eager, b_lat, precision, extra)
             if args.compile:
                 compiled = torch.compile(core, mode=args.compile_mode)
-                run(f"G mapping+render rigid {precision} compile", functools.partial(eager, step=compiled), b_lat,
+                run(f"G mapping+render {tag} compile", functools.partial(eager, step=compiled), b_lat,
                     precision, {**extra, "compile_mode": args.compile_mode})
             if args.cuda_graphs and device.type == "cuda":
                 try:
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                     traceback.print_exc()
                     print(f"CUDA graph capture failed ({type(exc).__name__}: {exc})", file=sys.stderr)
                 else:
-                    run(f"G mapping+render rigid {precision} cuda-graph", replay, b_lat, precision,
+                    run(f"G mapping+render {tag} cuda-graph", replay, b_lat, precision,
                         {**extra, "cuda_graph": True})
 
     out = args.out or Path(__file__).parent / "results" / f"bench_generator-{device.type}.json"
