@@ -58,6 +58,23 @@ def test_upfirdn2d_matches_scipy_with_asymmetric_filter(up, down, pad):
     np.testing.assert_allclose(got.numpy(), want, atol=1e-12)
 
 
+@pytest.mark.parametrize("taps", [(1.0, 3.0, 3.0, 1.0), (1.0, 2.0, 5.0, 2.0, 1.0, 3.0, 1.0, 2.0, 1.0, 4.0)])
+@pytest.mark.parametrize("down", [1, 2])
+def test_fir_without_upsampling_has_exact_first_and_second_derivatives(taps, down):
+    """The up=1 path (the discriminator's low-pass and blur, differentiated twice by R1) is a linear
+    map whose backward is its adjoint and whose double backward is the map again: gradcheck and
+    gradgradcheck in float64 for a short (one 2-D kernel) and a long asymmetric (two 1-D passes)
+    filter, with and without decimation, with padding and cropping."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 13, dtype=torch.float64, requires_grad=True)
+    h = torch.tensor(taps, dtype=torch.float64)
+    f = lambda x: upfirdn2d(x, h, down=down, padding=(2, 1, 3, -1), gain=2.0)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+    with pytest.raises(ValueError, match="fewer than the"):
+        upfirdn2d(torch.zeros(1, 1, 5, 3), torch.ones(4) / 4)
+
+
 def test_upsample_and_downsample_match_scipy_and_keep_dc():
     """upsample2d / downsample2d with [1,3,3,1] give the scipy reference, exact 2x sizes, and map a
     constant image to the same constant away from the borders (unit DC gain)."""

@@ -64,11 +64,14 @@ def upfirdn2d(
     # conv2d correlates, so flip the filter to get a true convolution (matters for asymmetric taps).
     taps = f.flip(0).to(dtype=x.dtype, device=x.device) * math.sqrt(gain)
     if up == 1:
-        # The discriminator's path (and the blur): R1 differentiates it twice. PyTorch's double backward
-        # of a depthwise conv loops over the groups, and of a single-channel conv on (B*C,1,H,W) it took
-        # 198 s per R1 call at eg3d_512 on an H100; a weighted sum of strided slices has a trivially
-        # cheap double backward.
-        return _fir_by_slices(_fir_by_slices(x, taps, down, dim=3), taps, down, dim=2)
+        # The discriminator's path (and the blur): R1 differentiates it twice, see _DepthwiseFir.
+        if min(x.shape[-2:]) < taps.numel():
+            raise ValueError(f"upfirdn2d: {tuple(x.shape[-2:])} pixels after padding, fewer than the "
+                             f"{taps.numel()} filter taps")
+        if taps.numel() <= _SEPARABLE_ABOVE:
+            return _DepthwiseFir.apply(x, taps[:, None] * taps[None, :], (down, down))
+        x = _DepthwiseFir.apply(x, taps[None, :], (1, down))
+        return _DepthwiseFir.apply(x, taps[:, None], (down, 1))
     k = taps.numel()
     # Every channel is filtered alike: filter (B*C, 1, H, W) single-channel images.
     height, width = x.shape[-2:]
@@ -78,19 +81,44 @@ def upfirdn2d(
     return x.reshape(batch, channels, x.shape[-2], x.shape[-1])
 
 
-def _fir_by_slices(x: torch.Tensor, taps: torch.Tensor, down: int, dim: int) -> torch.Tensor:
-    """Correlate ``x`` with 1-D ``taps`` along ``dim`` (valid part) and keep every ``down``-th output."""
-    k, size = taps.numel(), x.shape[dim]
-    out_size = (size - k) // down + 1
-    if out_size < 1:
-        raise ValueError(f"upfirdn2d: {size} pixels along dim {dim} after padding, fewer than the {k} filter taps")
-    out = None
-    for j in range(k):  # taps[j] is a 0-d view: no host synchronisation on CUDA
-        part = x.narrow(dim, j, (out_size - 1) * down + 1)
-        if down > 1:
-            part = part[(slice(None),) * dim + (slice(None, None, down),)]
-        out = part * taps[j] if out is None else torch.addcmul(out, part, taps[j])
-    return out
+_SEPARABLE_ABOVE = 8  # taps: up to this a k x k kernel in one pass (memory-bound), above it two 1-D passes
+
+
+def _depthwise_weight(kernel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return kernel.to(dtype=x.dtype, device=x.device).expand(x.shape[1], 1, *kernel.shape).contiguous()
+
+
+class _DepthwiseFir(torch.autograd.Function):
+    """Valid correlation of every channel of x (B, C, H, W) with one 2-D ``kernel``, then decimation by
+    ``stride``: a depthwise convolution. The map is linear in x, so its backward is its adjoint (a
+    depthwise transposed convolution, ``_DepthwiseFirAdjoint``) whose backward is this map again:
+    derivatives of any order (R1's double backward) cost one cuDNN call each. Autograd's own double
+    backward of a depthwise conv loops over the channel groups (198 s per R1 call at eg3d_512 on an
+    H100), and a sum of strided slices (what replaced it) made the filter most of D's time."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
+        ctx.kernel, ctx.stride, ctx.size = kernel, stride, tuple(x.shape[-2:])
+        return F.conv2d(x, _depthwise_weight(kernel, x), stride=stride, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _DepthwiseFirAdjoint.apply(grad, ctx.kernel, ctx.stride, ctx.size), None, None
+
+
+class _DepthwiseFirAdjoint(torch.autograd.Function):
+    """The adjoint of ``_DepthwiseFir`` onto an input of spatial ``size``; its backward is that map."""
+
+    @staticmethod
+    def forward(ctx, grad: torch.Tensor, kernel: torch.Tensor, stride: tuple[int, int], size: tuple[int, int]):
+        ctx.kernel, ctx.stride = kernel, stride
+        extra = [size[i] - ((grad.shape[2 + i] - 1) * stride[i] + kernel.shape[i]) for i in range(2)]
+        return F.conv_transpose2d(grad, _depthwise_weight(kernel, grad), stride=stride, groups=grad.shape[1],
+                                  output_padding=tuple(extra))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _DepthwiseFir.apply(grad, ctx.kernel, ctx.stride), None, None, None
 
 
 def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
