@@ -32,7 +32,9 @@ def observation_vertices(cond: dict[str, torch.Tensor], morphable: MorphableMode
     for key in ("shape", "expression", "pose", "flip"):
         if key not in cond:
             raise KeyError(f"conditioning: missing {key!r} (have {sorted(cond)})")
-    verts = morphable(cond["shape"], cond["expression"], cond["pose"])
+    # Full precision even inside an autocast region: bf16 world coordinates are off by ~0.004.
+    with torch.autocast(device_type=cond["shape"].device.type, enabled=False):
+        verts = morphable(cond["shape"], cond["expression"], cond["pose"])
     flip = cond["flip"].to(device=verts.device, dtype=torch.bool)
     if not flip.any():
         return verts

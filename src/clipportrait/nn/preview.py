@@ -1,6 +1,7 @@
 """Save a 4x4 grid of random generator renders (image | raw | depth | alpha per cell) as PNG.
 
     python -m clipportrait.nn.preview [--preset tiny] [--out /tmp/clipportrait_nn] [--checkpoint G.safetensors]
+    python -m clipportrait.nn.preview --preset eg3d_512 --device cuda      # the CUDA path (fused lookup)
 
 A visual sanity check of the volume path: finite values, non-empty alpha, depth that varies
 smoothly with the camera. Prints per-output statistics and fails loudly on NaNs or empty frames.
@@ -27,7 +28,8 @@ def _to_uint8(x: torch.Tensor, lo: float, hi: float) -> np.ndarray:
     return (x.permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
 
-def render_grid(preset_name: str, out_dir: Path, seed: int = 0, checkpoint: str | None = None) -> Path:
+def render_grid(preset_name: str, out_dir: Path, seed: int = 0, checkpoint: str | None = None,
+                device: str = "cpu") -> Path:
     g_cfg, _ = preset(preset_name)
     torch.manual_seed(seed)
     G = build_generator(g_cfg).eval()
@@ -38,8 +40,9 @@ def render_grid(preset_name: str, out_dir: Path, seed: int = 0, checkpoint: str 
     n = 16
     z = torch.randn(n, g_cfg.z_dim)
     c = sample_ffhq_like(n, generator=torch.Generator().manual_seed(seed))
+    G = G.to(device)
     with torch.no_grad():
-        out = G(z, c, noise_mode="const")
+        out = {k: v.cpu() for k, v in G(z.to(device), c.to(device), noise_mode="const").items()}
     for key in ("image", "image_raw", "image_depth", "image_alpha"):
         value = out[key]
         if not torch.isfinite(value).all():
@@ -65,7 +68,8 @@ def render_grid(preset_name: str, out_dir: Path, seed: int = 0, checkpoint: str 
     grid = np.concatenate([np.pad(r, ((0, 0), (0, 4), (0, 0)), constant_values=255) for r in rows], axis=1)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"grid_{preset_name}_seed{seed}.png"
-    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+    scale = 2 if res < 256 else 1  # small presets are enlarged to be seen
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
     print(f"wrote {path} (depth range {d_lo:.3f}..{d_hi:.3f})")
     return path
 
@@ -76,8 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="/tmp/clipportrait_nn")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="optional safetensors state dict of the generator")
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    render_grid(args.preset, Path(args.out), args.seed, args.checkpoint)
+    render_grid(args.preset, Path(args.out), args.seed, args.checkpoint, args.device)
 
 
 if __name__ == "__main__":
