@@ -76,7 +76,7 @@ def test_text_evaluation_renders_each_prompt_under_one_conditioning(chain):
 
 def test_evaluate_reads_a_stage2_checkpoint_with_its_recorded_cache(chain, tmp_path):
     """task=evaluate on a Stage-2 checkpoint: the fakes are conditioned on the cache the checkpoint
-    recorded (alpha = 1); the record names the system and the cache."""
+    recorded (alpha = 1); the record names the system, the cache and the checkpoint's step."""
     from clipportrait.tasks import evaluate
 
     cfg = compose(chain["root"], "task=evaluate", f"task.checkpoint={chain['stage2']}", "evaluation.fid_samples=4",
@@ -86,3 +86,5 @@ def test_evaluate_reads_a_stage2_checkpoint_with_its_recorded_cache(chain, tmp_p
     assert result["fid"] == result["fid"] and result["fid"] >= 0
     record = [r for r in ctx.metrics.read() if r["event"] == "evaluation"][-1]
     assert record["protocol"]["system"] == "Stage2GAN" and record["protocol"]["clip_cache"] == str(chain["cache"])
+    # Recorded at the step the checkpoint was saved at (Stage 2 ran 2 steps), not at the loaded system's 0.
+    assert record["step"] == 2 and record["protocol"]["step"] == 2 and record["kimg"] > 0

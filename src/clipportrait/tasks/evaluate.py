@@ -42,7 +42,10 @@ def run(cfg, ctx: RunContext) -> dict:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(t.device)
-    kind = load_checkpoint(t.checkpoint)[CHECKPOINT_KEY].get("kind", "Stage1GAN")
+    meta = load_checkpoint(t.checkpoint)[CHECKPOINT_KEY]
+    kind = meta.get("kind", "Stage1GAN")
+    # The step and image count the checkpoint was saved at (loading weights leaves the system at 0).
+    step, kimg = int(meta.get("step", 0)), int(meta.get("images_seen", 0)) / 1000
     system_class = {"Stage1GAN": Stage1GAN, "Stage2GAN": Stage2GAN}.get(kind)
     if system_class is None:
         raise UserError(f"checkpoint {t.checkpoint} holds a {kind}: task=evaluate reads Stage1GAN and Stage2GAN checkpoints")
@@ -59,8 +62,9 @@ def run(cfg, ctx: RunContext) -> dict:
     stats = real_statistics(dataset, cfg.evaluation, cfg.paths.cache_dir, device)
     record = evaluate_system(system, dataset, stats, cfg.evaluation, device)
     record["protocol"]["checkpoint"] = str(t.checkpoint)
+    record["protocol"]["step"] = step
     record["protocol"]["system"] = kind
     if clip_cache:
         record["protocol"]["clip_cache"] = str(clip_cache)
-    ctx.metrics.write({"event": "evaluation", "step": system.step_count, **record})
+    ctx.metrics.write({"event": "evaluation", "step": step, "kimg": kimg, **record})
     return {"fid": record["fid"], "kid": record["kid"], "fid_samples": cfg.evaluation.fid_samples}
