@@ -9,11 +9,13 @@ contiguous row, so loads and atomic adds are coalesced, and the (B, 3, M, C) per
 never materialised.
 
 The backward gives the planes' gradient only (the points' gradient is never needed in training: rays
-and the deformation do not depend on G's parameters); ``sample_triplane_mean`` falls back to the
-PyTorch path when points require a gradient (see ``TriplaneGenerator.field``).
+and the deformation do not depend on G's parameters); ``TriplaneGenerator.field`` uses the PyTorch
+lookup for points that require one.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -91,7 +93,7 @@ _BLOCK, _WARPS = 64, 4
 
 
 def _launch(planes_cl: torch.Tensor, points: torch.Tensor, out: torch.Tensor, scale: float, backward: bool) -> None:
-    batch, _, height, width, channels = planes_cl.shape
+    height, width, channels = planes_cl.shape[2:]
     total = points.shape[0] * points.shape[1]
     if total:
         _triplane_kernel[(triton.cdiv(total, _BLOCK),)](
@@ -126,8 +128,6 @@ def channels_last_planes(planes: torch.Tensor) -> torch.Tensor:
 def available(planes: torch.Tensor) -> bool:
     """Whether the fused kernel applies to ``planes`` (B, 3, C, H, W): Triton present, CUDA tensors
     (or Triton's CPU interpreter, TRITON_INTERPRET=1) and a power-of-two channel count."""
-    import os
-
     if triton is None:
         return False
     on_device = planes.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

@@ -456,10 +456,12 @@ class Stage1GAN(L.LightningModule):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu",
-                        overrides: dict[str, dict] | None = None) -> "Stage1GAN":
+                        overrides: dict[str, dict] | None = None,
+                        checkpoint: dict[str, Any] | None = None) -> "Stage1GAN":
         """A system with the weights of a checkpoint of this project (loaded with weights_only=True).
-        ``overrides`` replaces config groups, e.g. {"morphable": {"flame_path": ...}} on another machine."""
-        checkpoint = load_checkpoint(path, map_location)
+        ``overrides`` replaces config groups, e.g. {"morphable": {"flame_path": ...}} on another machine;
+        ``checkpoint``: ``load_checkpoint(path)`` when the caller has already read it."""
+        checkpoint = load_checkpoint(path, map_location) if checkpoint is None else checkpoint
         kind = checkpoint[CHECKPOINT_KEY].get("kind", "Stage1GAN")
         if kind != cls.__name__:
             raise UserError(f"checkpoint {path} holds a {kind}, not a {cls.__name__}: load it with {kind}.from_checkpoint "

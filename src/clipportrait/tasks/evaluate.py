@@ -42,14 +42,16 @@ def run(cfg, ctx: RunContext) -> dict:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(t.device)
-    meta = load_checkpoint(t.checkpoint)[CHECKPOINT_KEY]
+    checkpoint = load_checkpoint(t.checkpoint, device)  # read once: the kind picks the class below
+    meta = checkpoint[CHECKPOINT_KEY]
     kind = meta.get("kind", "Stage1GAN")
     # The step and image count the checkpoint was saved at (loading weights leaves the system at 0).
     step, kimg = int(meta.get("step", 0)), int(meta.get("images_seen", 0)) / 1000
     system_class = {"Stage1GAN": Stage1GAN, "Stage2GAN": Stage2GAN}.get(kind)
     if system_class is None:
         raise UserError(f"checkpoint {t.checkpoint} holds a {kind}: task=evaluate reads Stage1GAN and Stage2GAN checkpoints")
-    system = system_class.from_checkpoint(t.checkpoint, map_location=device).eval()
+    system = system_class.from_checkpoint(t.checkpoint, map_location=device, checkpoint=checkpoint).eval()
+    del checkpoint  # optimiser states and the second copy of the weights
     resolution = system.cfg.backbone.img_resolution
     clip_cache = None
     if kind == "Stage2GAN":
