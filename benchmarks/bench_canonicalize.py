@@ -4,6 +4,7 @@
     python -m benchmarks.bench_canonicalize --device cuda                      # eg3d_512, 200 steps, batch sweep
     python -m benchmarks.bench_canonicalize --device cuda --tiny               # the tiny backbone
     python -m benchmarks.bench_canonicalize --device cuda --batches 8,16 --full   # + one whole inversion, timed
+    python -m benchmarks.bench_canonicalize --device cuda --precision bf16     # steps under bf16 autocast
     python -m benchmarks.bench_canonicalize --small                            # CPU: checks the script
 
 For each batch B (the sweep stops at the first out-of-memory): the median of one optimisation step
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--random-lpips", action="store_true",
                    help="LPIPS-VGG with random weights (timing only: the cost does not depend on the weights)")
     p.add_argument("--full", action="store_true", help="also time one whole inversion per batch")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="inversion.precision: bf16 runs each step's render and LPIPS under autocast")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
@@ -87,15 +90,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.small:
         batches, steps = [b for b in batches if b <= 2] or [1], min(steps, 3)
     system = build_system(name, not args.no_deformation, device)
-    cfg = InversionConfig(steps=steps, lpips_resolution=args.lpips_resolution, w_avg_samples=1000)
+    cfg = InversionConfig(steps=steps, lpips_resolution=args.lpips_resolution, w_avg_samples=1000,
+                          precision=args.precision)
     lpips = random_lpips(device) if args.random_lpips else build_lpips("vgg", device=device, weights=args.lpips_weights)
     inverter = Inverter(system, cfg, lpips=lpips)
     clip = build_clip(LVLMConfig(kind="random", weights=None, device=str(device)))
     tag = ("tf32" if not args.no_tf32 else "fp32") + ("" if not args.no_deformation else " rigid")
+    tag = tag if args.precision == "fp32" else f"bf16 autocast ({tag})"
     extra = {"preset": name, "steps": steps, "deformation": not args.no_deformation,
              "lpips_resolution": args.lpips_resolution or system.cfg.backbone.img_resolution,
              "clip": "clipportrait-tiny (random weights)", "target_images_per_s": TARGET_IMAGES_PER_S,
-             "lpips_weights": "random" if args.random_lpips else "vgg v0.1"}
+             "lpips_weights": "random" if args.random_lpips else "vgg v0.1", "precision": args.precision}
     runs = max(args.runs, 20)
     results: list[Timing] = []
     for batch in batches:
@@ -140,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
                                   wall, wall, 1, batch / (wall / 1e3), step.peak_mem_gib, extra))
     if not results:
         raise SystemExit("no batch size fitted in memory")
-    default = f"canonicalize-{device.type}{'-small' if args.small else ('-tiny' if args.tiny else '')}.json"
+    suffix = ('-small' if args.small else ('-tiny' if args.tiny else '')) + ('-bf16' if args.precision == 'bf16' else '')
+    default = f"canonicalize-{device.type}{suffix}.json"
     out = args.out or Path(__file__).parent / "results" / default
     report(results, title=f"Canonicalisation (target >= {TARGET_IMAGES_PER_S} images/s at eg3d_512, 200 steps)",
            device=device, out=out)

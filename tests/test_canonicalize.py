@@ -137,6 +137,62 @@ def test_inversion_of_generated_images_reduces_lpips_by_a_large_factor(world):
     assert torch.allclose(again, result.lpips, atol=1e-6)
 
 
+def test_lpips_from_cached_features_equals_the_lpips_module(world):
+    """Inversion compares each step's render with target features computed once: the split form
+    (features of each image, then heads on their difference) equals lpips.LPIPS(x, y) per image."""
+    from clipportrait.metrics.lpips import lpips_features, lpips_from_features
+
+    model = world["lpips"]
+    gen = torch.Generator().manual_seed(5)
+    x, y = (torch.rand(3, 3, 40, 40, generator=gen) * 2 - 1 for _ in range(2))
+    with torch.no_grad():
+        split = lpips_from_features(model, lpips_features(model, x), lpips_features(model, y))
+        whole = model(x, y).flatten()
+    assert split.shape == (3,)
+    assert torch.allclose(split, whole, rtol=1e-5, atol=1e-7), (split, whole)
+    assert not torch.allclose(split, lpips_from_features(model, lpips_features(model, x), lpips_features(model, x)))
+    with pytest.raises(ValueError, match="LPIPS layers"):
+        lpips_from_features(model, lpips_features(model, x)[:2], lpips_features(model, y)[:2])
+
+
+def test_steps_use_the_cached_target_features_and_bf16_is_cuda_only(world):
+    """Each step's loss equals LPIPS(render of the w the step started from, target) computed by the
+    LPIPS module from scratch; precision=bf16 is refused off CUDA, and an unknown precision by name."""
+    inverter = _inverter(world, steps=3, lr_rampup=0.0, pixel_weight=0.25)
+    images, cond = _batch(world, [0, 1])
+    state = inverter.start(images, cond)
+    for step in range(3):
+        w = state.w.detach().clone()
+        with torch.no_grad():
+            render = inverter.render(w, cond, state.deformer)
+            expected = world["lpips"](render, images).flatten() + 0.25 * (render - images).square().flatten(1).mean(1)
+        got = inverter.step(state, step)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (step, got, expected)
+        assert not torch.equal(state.w, w)  # the step moved w
+    with pytest.raises(ValueError, match="inversion.precision='fp16'"):
+        InversionConfig(precision="fp16").validate()
+    with pytest.raises(ValueError, match="bf16 needs a CUDA device"):
+        _inverter(world, steps=1, precision="bf16").invert(images[:1], {k: v[:1] for k, v in cond.items()})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast inversion runs on CUDA")
+def test_bf16_inversion_on_cuda_still_recovers_generated_images(world):
+    """precision=bf16 (the steps under autocast): the final float32 LPIPS is at least 3x below the
+    starting w's, as in float32."""
+    import copy
+
+    system = copy.deepcopy(world["system"]).cuda()
+    inverter = Inverter(system, InversionConfig(steps=30, w_avg_samples=2000, precision="bf16"),
+                        lpips=copy.deepcopy(world["lpips"]).cuda())
+    images, cond = _batch(world, range(4))
+    images, cond = images.cuda(), {k: v.cuda() for k, v in cond.items()}
+    with torch.no_grad():
+        before, _ = inverter.objective(inverter.render(inverter.w_start.expand(4, -1), cond, None), images)
+    result = inverter.invert(images, cond)
+    assert result.lpips.dtype == torch.float32
+    assert before.mean() >= 3 * result.lpips.mean(), (before, result.lpips)
+
+
 def test_each_image_of_a_batch_is_optimised_independently_and_w_plus_has_a_w_per_layer(world):
     """Per-image losses and element-wise Adam: inverting [a, b] gives the w that inverting a alone gives."""
     inverter = _inverter(world, steps=4, pixel_weight=0.5)

@@ -11,6 +11,7 @@ ON_CORRUPT = ("recompute", "error")
 
 W_SPACES = ("w", "w_plus")
 W_INITS = ("auto", "buffer", "sampled")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class InversionConfig:
     w_init: str = "auto"
     w_avg_samples: int = 10000
     seed: int = 0  # z of the sampled mean
+    precision: str = "fp32"  # "bf16": each step's render and LPIPS under bfloat16 autocast (CUDA only)
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -50,5 +52,7 @@ class InversionConfig:
             raise ValueError(f"inversion.lpips_resolution={self.lpips_resolution}: expected >= 0 (0: output size)")
         if self.w_init not in W_INITS:
             raise ValueError(f"inversion.w_init={self.w_init!r}: expected one of {W_INITS}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"inversion.precision={self.precision!r}: expected one of {PRECISIONS}")
         if self.w_avg_samples < 1:
             raise ValueError(f"inversion.w_avg_samples={self.w_avg_samples}: expected >= 1")

@@ -10,6 +10,10 @@ deformation D bound to the image's observation mesh (eq. 4-5), as in training. N
 constant (``noise_mode="const"``) and ray samples are not jittered, so the objective is a
 deterministic function of w.
 
+The target's LPIPS features are computed once per batch (`metrics.lpips.lpips_features`), so a step
+runs the LPIPS trunk on the render only; ``precision=bf16`` runs each step's render and LPIPS under
+bfloat16 autocast on CUDA, while the reported final LPIPS is always computed in float32.
+
 The optimiser follows the StyleGAN2 projector: Adam from the mean w, learning rate ramped up over
 the first ``lr_rampup`` of the steps and down with a half cosine over the last ``lr_rampdown``.
 Every image of a batch has its own w and the loss is a sum of per-image terms, and Adam acts
@@ -93,12 +97,21 @@ class Inversion:
 
 
 @dataclass
+class Target:
+    """The images the objective compares against: their pixels at the compared size and their LPIPS
+    features, computed once per batch instead of once per step."""
+
+    pixels: torch.Tensor
+    features: list[torch.Tensor]
+
+
+@dataclass
 class InversionState:
     """What one batch's optimisation carries between steps."""
 
     w: torch.Tensor
     optimizer: torch.optim.Optimizer
-    target: torch.Tensor
+    target: Target
     cond: dict[str, torch.Tensor]
     deformer: Callable[[torch.Tensor], torch.Tensor] | None
 
@@ -133,18 +146,42 @@ class Inverter:
         out = self.G.synthesis(self.broadcast(w), cond["camera"], deformer=deformer, noise_mode="const", perturb=False)
         return out["image"]
 
-    def objective(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image (LPIPS, total loss), both (B,): eq. 9's distance plus the optional pixel term."""
-        size = self.cfg.lpips_resolution
-        a, b = image, target
-        if size and size < image.shape[-1]:
-            a = F.interpolate(image, size=(size, size), mode="area")
-            b = F.interpolate(target, size=(size, size), mode="area")
-        distance = self.lpips(a, b).flatten()
+    def autocast(self, enabled: bool = True):
+        """The precision of each step's render and LPIPS (``cfg.precision``); float32 when not ``enabled``."""
+        enabled = enabled and self.cfg.precision == "bf16"
+        if enabled and self.device.type != "cuda":
+            raise ValueError(f"inversion.precision=bf16 needs a CUDA device, the generator is on {self.device}")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def target(self, images: torch.Tensor, size: int, step_precision: bool = True) -> Target:
+        """``images`` (B,3,R,R) as a `Target` compared at ``size`` (area downsampling; 0 or >= R: as is),
+        its features in the steps' precision (``step_precision``) or in float32."""
+        from ..metrics.lpips import lpips_features
+
+        if size and size < images.shape[-1]:
+            images = F.interpolate(images, size=(size, size), mode="area")
+        with torch.no_grad(), self.autocast(step_precision):
+            features = lpips_features(self.lpips, images)
+        return Target(images, features)
+
+    def distance(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image (LPIPS, total loss), both (B,), of ``image`` against ``target`` at the target's
+        size: eq. 9's distance plus the optional pixel term."""
+        from ..metrics.lpips import lpips_features, lpips_from_features
+
+        size = target.pixels.shape[-1]
+        if image.shape[-1] != size:
+            image = F.interpolate(image, size=(size, size), mode="area")
+        distance = lpips_from_features(self.lpips, lpips_features(self.lpips, image), target.features).float()
         loss = distance
         if self.cfg.pixel_weight > 0:
-            loss = loss + self.cfg.pixel_weight * (image - target).square().flatten(1).mean(1)
+            loss = loss + self.cfg.pixel_weight * (image.float() - target.pixels).square().flatten(1).mean(1)
         return distance, loss
+
+    def objective(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image (LPIPS, total loss), both (B,), of the final image against ``target`` images at the
+        generator's output size, compared at ``cfg.lpips_resolution`` (eq. 9)."""
+        return self.distance(image, self.target(target, self.cfg.lpips_resolution))
 
     def start(self, images: torch.Tensor, cond: dict[str, torch.Tensor]) -> InversionState:
         """The optimisation state for ``images`` (B,3,R,R) in [-1, 1] at the generator's output size R
@@ -161,13 +198,15 @@ class Inverter:
             start = start.unsqueeze(1).expand(-1, self.G.num_ws, -1)
         w = start.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([w], lr=self.cfg.lr, betas=tuple(self.cfg.betas))
-        return InversionState(w, optimizer, images.to(self.device, torch.float32), cond, deformer)
+        images = images.to(self.device, torch.float32)
+        return InversionState(w, optimizer, self.target(images, self.cfg.lpips_resolution), cond, deformer)
 
     def step(self, state: InversionState, step: int) -> torch.Tensor:
         """One Adam step of eq. 9 at the scheduled rate; returns the per-image loss before the step."""
         for group in state.optimizer.param_groups:
             group["lr"] = learning_rate(step, self.cfg)
-        _, loss = self.objective(self.render(state.w, state.cond, state.deformer), state.target)
+        with self.autocast():
+            _, loss = self.distance(self.render(state.w, state.cond, state.deformer), state.target)
         state.optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
         state.optimizer.step()
@@ -176,12 +215,13 @@ class Inverter:
     def invert(self, images: torch.Tensor, cond: dict[str, torch.Tensor]) -> Inversion:
         """Optimise w for ``images`` under ``cond`` for ``cfg.steps`` steps (eq. 9), see ``start``."""
         state = self.start(images, cond)
-        history = torch.zeros(self.cfg.steps)
-        for step in range(self.cfg.steps):
-            history[step] = self.step(state, step).mean().cpu()
-        with torch.no_grad():  # the reported numbers belong to the w that is returned
+        history = torch.stack([self.step(state, step).mean() for step in range(self.cfg.steps)]).cpu()
+        with torch.no_grad():  # the reported numbers belong to the w that is returned (float32, final image)
             image = self.render(state.w, state.cond, state.deformer)
-            distance, loss = self.objective(image, state.target)
+            target = state.target
+            if self.cfg.precision != "fp32":
+                target = self.target(images.to(self.device, torch.float32), self.cfg.lpips_resolution, False)
+            distance, loss = self.distance(image, target)
         return Inversion(state.w.detach(), distance, loss, image, history)
 
     @torch.no_grad()

@@ -108,3 +108,25 @@ def _load_user_state(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AssetError(f"{path} is not a state dict of tensors (LPIPS weights expected)")
     return state
+
+
+def lpips_features(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """The part of LPIPS that depends on one image: the trunk's features of ``images`` (NCHW in
+    [-1, 1]) at each of its layers, unit-normalised along channels. A fixed image's features can be
+    computed once and compared with many others (GAN inversion compares every step's render with the
+    same target)."""
+    import lpips
+
+    return [lpips.normalize_tensor(f) for f in model.net.forward(model.scaling_layer(images))]
+
+
+def lpips_from_features(model: torch.nn.Module, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """Per-image LPIPS distance (B,) of two images given by their `lpips_features`: per layer, the
+    learned linear head on the squared difference, averaged over space, summed over layers (the same
+    sum as ``model(x, y)`` without ``spatial``)."""
+    if len(a) != len(b) or len(a) != len(model.lins):
+        raise ValueError(f"expected features of all {len(model.lins)} LPIPS layers, got {len(a)} and {len(b)}")
+    total = 0
+    for head, fa, fb in zip(model.lins, a, b):
+        total = total + head((fa - fb).square()).mean((2, 3))
+    return total.flatten()
