@@ -6,6 +6,7 @@ import pytest
 import torch
 from pytorch3d.utils import ico_sphere
 
+from clipportrait.geometry import cpu_search as CS
 from clipportrait.geometry import deformation as D
 
 LEVELS = [4, 8, 16]  # coarse enough for fast CPU tests; exactness does not depend on the levels
@@ -96,15 +97,20 @@ def test_pair_distance_of_the_torch_search_matches_float64_reference():
     assert (ours[:350] - torch.stack(to_edges).min(0).values).abs().max() < 2e-6
 
 
-def test_grid_search_is_exact_against_bruteforce():
+@pytest.mark.parametrize("cpu_search", ["torch", "numba"])
+def test_grid_search_is_exact_against_bruteforce(cpu_search):
     """On points near a bumpy closed mesh, the grid search's triangle is at the float64 brute-force
     minimum distance for >= 99.9 % of points (differing indices are exact ties at shared edges or
     vertices), it finds every point within shell + blend, and the mapped points agree with eq. 5
-    evaluated on the brute-force triangle to 1e-5 wherever the indices agree."""
+    evaluated on the brute-force triangle to 1e-5 wherever the indices agree; with the pair loops in
+    PyTorch and compiled (numba)."""
+    if cpu_search == "numba":
+        pytest.importorskip("numba")
     verts, faces = _blobby_sphere(2)
     canon = verts * torch.tensor([1.1, 0.9, 1.0]) + torch.tensor([0.0, 0.02, 0.05])
     points = _points_near(verts, 3000, 0.06, seed=3)[None]
-    cfg = D.DeformationConfig(shell=0.08, blend=0.04, grid_levels=LEVELS, backend="torch")
+    cfg = D.DeformationConfig(shell=0.08, blend=0.04, grid_levels=LEVELS, backend="torch", cpu_search=cpu_search)
+    assert isinstance(D.make_search(cfg, points.device), D._TorchSearch if cpu_search == "torch" else CS.NumbaSearch)
     module = D.SurfaceFieldDeformation(faces, cfg)
     out, info = module(points, verts[None], canon[None], return_info=True)
     bf_idx, bf_dist = D.nearest_triangle_bruteforce(points, verts[None], faces)
@@ -122,6 +128,36 @@ def test_grid_search_is_exact_against_bruteforce():
     ref = _eq5_reference(p64[same], tris64[bf_idx[0][same]], canon.double()[faces][bf_idx[0][same]])
     assert torch.allclose(out[0][same].double(), ref, atol=1e-5)
     assert torch.allclose(info.distance[0][same].double(), bf_dist[0][same], atol=1e-6)
+
+
+@pytest.mark.skipif(not CS.available(), reason="numba is not installed")
+def test_numba_search_builds_the_torch_search_candidate_lists():
+    """Every cell's candidate list of the whole grid (each level refined from its parent by `select`)
+    and every point's nearest candidate (`nearest`) are the same with the compiled loops as with the
+    PyTorch ones, on two meshes at once: same rule, same list order, same tie-breaking (first in list)."""
+    verts, faces = _blobby_sphere(2)
+    tris = torch.stack((verts, verts * 0.9 + 0.03))[:, faces]
+    csr_torch = D.build_candidate_grid(tris, 0.12, [2, 4, 8], D._TorchSearch(1 << 20))
+    csr_numba = D.build_candidate_grid(tris, 0.12, [2, 4, 8], CS.NumbaSearch())
+    assert torch.equal(csr_numba.offsets, csr_torch.offsets)
+    assert torch.equal(csr_numba.tris, csr_torch.tris)
+    assert csr_torch.tris.numel() > 0
+    points = torch.stack((_points_near(verts, 800, 0.06, seed=7), _points_near(verts * 0.9 + 0.03, 800, 0.06, seed=8)))
+    tri_t, d2_t = D.grid_nearest(points, tris, 0.12, [2, 4, 8], D._TorchSearch(1 << 20))
+    tri_n, d2_n = D.grid_nearest(points, tris, 0.12, [2, 4, 8], CS.NumbaSearch())
+    assert torch.allclose(d2_n, d2_t, rtol=1e-6, atol=1e-9)
+    # Differing indices are exact ties (shared edges and vertices) that float32 rounding splits:
+    # both triangles are at the same float64 distance.
+    found = tri_t >= 0
+    assert torch.equal(tri_n >= 0, found) and found.float().mean() > 0.5
+    tris64 = tris.double()
+    for b in range(2):
+        p64, chosen = points[b].double()[found[b]], [t[b][found[b]] for t in (tri_n, tri_t)]
+        d_n, d_t = (D._point_triangle_dist2(p64, tris64[b][c]).sqrt() for c in chosen)
+        assert (d_n - d_t).abs().max() < 1e-6
+    assert (tri_n == tri_t).float().mean() > 0.9
+    with pytest.raises(ValueError, match="cpu_search='gpu'"):
+        D.DeformationConfig(cpu_search="gpu").validate()
 
 
 def test_identity_when_observation_equals_canonical():

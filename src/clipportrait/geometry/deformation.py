@@ -53,6 +53,9 @@ class DeformationConfig:
     grid_capacity: int = 256  # Triton grid: candidate slots per finest cell (overflow stays exact, slower)
     pair_chunk: int = 1 << 21  # PyTorch backend: (query, triangle) pairs evaluated at once
     backend: str = "auto"  # "auto" (Triton on CUDA when importable), "torch", "triton"
+    # The "torch" backend's pair loops on CPU: "numba" (compiled, geometry.cpu_search), "torch", or
+    # "auto" (numba when importable)
+    cpu_search: str = "auto"
 
     def validate(self) -> None:
         if self.shell < 0 or self.blend < 0:
@@ -61,6 +64,8 @@ class DeformationConfig:
             raise ValueError(f"deformation projection={self.projection!r}: expected 'plane' or 'closest'")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"deformation backend={self.backend!r}: expected 'auto', 'torch' or 'triton'")
+        if self.cpu_search not in ("auto", "numba", "torch"):
+            raise ValueError(f"deformation cpu_search={self.cpu_search!r}: expected 'auto', 'numba' or 'torch'")
         levels = list(self.grid_levels)
         if not levels or any(r < 1 for r in levels) or any(b % a for a, b in zip(levels, levels[1:])):
             raise ValueError(
@@ -322,6 +327,18 @@ class _TorchSearch:
             kept.append(tri[keep])
         tris_out = torch.cat(kept) if kept else cand.new_zeros(0)
         return new_counts, tris_out
+
+
+def make_search(cfg: DeformationConfig, device: torch.device):
+    """The pair loops of the non-Triton search for ``device`` (see ``DeformationConfig.cpu_search``)."""
+    from . import cpu_search
+
+    if device.type == "cpu" and cfg.cpu_search != "torch":
+        if cpu_search.available():
+            return cpu_search.NumbaSearch()
+        if cfg.cpu_search == "numba":
+            raise RuntimeError("deformation cpu_search='numba' requested but numba is not importable")
+    return _TorchSearch(cfg.pair_chunk)
 
 
 def _decode_cells(cells: Tensor, res: int) -> tuple[Tensor, Tensor]:
@@ -1037,7 +1054,7 @@ class SurfaceFieldDeformation(torch.nn.Module):
                                            cfg, map_points=False, grid=grid)
             return map_from_triangles(points, obs_verts, canon_verts, self.faces, fallback, tri_idx.long(), cfg, True)
         with torch.no_grad():
-            search = _TorchSearch(cfg.pair_chunk)
+            search = make_search(cfg, points.device)
             tris_det = obs_verts.detach().float()[:, self.faces]
             tri_idx, d2 = grid_nearest(points.detach().float(), tris_det, cfg.shell + cfg.blend,
                                        list(cfg.grid_levels), search)

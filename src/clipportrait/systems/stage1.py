@@ -123,7 +123,7 @@ def architecture_differences(a: dict[str, Any], b: dict[str, Any],
     for group in groups:
         ga, gb = a.get(group, {}), b.get(group, {})
         for key in sorted(set(ga) | set(gb)):
-            if group == "deformation" and key in ("backend", "pair_chunk", "grid_capacity"):
+            if group == "deformation" and key in ("backend", "cpu_search", "pair_chunk", "grid_capacity"):
                 continue  # execution settings, not the model
             if ga.get(key) != gb.get(key):
                 diffs.append(f"{group}.{key}: {ga.get(key)!r} != {gb.get(key)!r}")
