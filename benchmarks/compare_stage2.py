@@ -6,7 +6,10 @@
 Each checkpoint is evaluated by `metrics.stage2.evaluate_text_control` with the same prompts, seeds and
 conditioning (diversity = mean pairwise LPIPS among a prompt's samples, which differ in z only; CLIP
 score; text-control accuracy from colour probes calibrated on the real images; silhouette IoU), at
-alpha 1 and 0. The FID of each run is read from its metrics.jsonl (the last evaluation record).
+alpha 1 and 0. With ``--cache`` (the canonicalisation cache the runs trained on) also
+`metrics.stage2.embedding_collapse` at cached image embeddings: how much of w's spread over z survives
+T_G (w_retention, 1 = none lost, 0 = collapsed) and the image diversity at alpha 1 and 0. The FID of
+each run is read from its metrics.jsonl (the last evaluation record).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     from clipportrait.lvlm.config import LVLMConfig
     from clipportrait.metrics.control import ColorProbe
     from clipportrait.metrics.lpips import build_lpips
-    from clipportrait.metrics.stage2 import TextEvalConfig, evaluate_text_control
+    from clipportrait.metrics.stage2 import TextEvalConfig, embedding_collapse, evaluate_text_control
     from clipportrait.systems.stage2 import Stage2GAN
 
     import torch
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=8, help="samples per prompt")
     p.add_argument("--values", type=int, default=4, help="values per attribute")
     p.add_argument("--out", required=True)
+    p.add_argument("--cache", default=None, help="the runs' canonicalisation cache: also measure embedding_collapse")
+    p.add_argument("--rows", type=int, default=16, help="dataset rows (cached embeddings) of embedding_collapse")
     # CPU by default: on CUDA the colour probes hit a device mismatch (a CPU tensor in a bmm), not yet fixed
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -57,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     clip = build_clip(LVLMConfig(arch=args.lvlm_arch, kind="project", weights=args.lvlm_weights, device=str(device)))
     dataset = PortraitDataset(args.data, flip=False)
+    cached = PortraitDataset(args.data, flip=False, clip_cache=args.cache) if args.cache else None
     lpips = build_lpips("alex")
     results = {}
     probes = None
@@ -73,8 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
             r = evaluate_text_control(system, clip, dataset, settings, lpips=lpips, probes=probes, device=device)
             row[f"alpha{alpha:g}"] = {k: r[k] for k in ("clip_score", "diversity_lpips", "silhouette_iou",
                                                          "text_control_accuracy") if k in r}
+        if cached is not None:
+            collapse = embedding_collapse(system, cached, rows=args.rows, samples=args.samples, lpips=lpips, device=device)
+            row["embedding_collapse"] = {k: v for k, v in collapse.items() if k != "w_retention_per_row"}
         results[name] = row
-        print(name, json.dumps({k: v for k, v in row.items() if k.startswith("alpha") or k == "fid"}), flush=True)
+        print(name, json.dumps({k: v for k, v in row.items() if k.startswith("alpha") or k in ("fid", "embedding_collapse")}),
+              flush=True)
     out = {"runs": results, "protocol": {"samples_per_prompt": args.samples, "values_per_attribute": args.values,
                                          "lvlm": clip.model_id, "data": args.data,
                                          "probe_ceiling": {a: p.heldout_accuracy for a, p in probes.items()}}}

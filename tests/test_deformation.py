@@ -160,6 +160,42 @@ def test_numba_search_builds_the_torch_search_candidate_lists():
         D.DeformationConfig(cpu_search="gpu").validate()
 
 
+_FORK_CHECK = r"""
+import multiprocessing as mp, sys, torch
+sys.path.insert(0, sys.argv[1])
+from clipportrait.geometry import cpu_search as CS, deformation as D
+from test_deformation import _blobby_sphere, _points_near
+torch.set_num_threads(2)
+v, f = _blobby_sphere(1)
+D.grid_nearest(_points_near(v, 400, 0.05, 1)[None], v[None][:, f], 0.1, [2, 4], CS.NumbaSearch())
+def child(queue):
+    x = torch.rand(32, 3, 64, 64)
+    queue.put(float(torch.nn.functional.interpolate(x, size=(160, 160), mode="bilinear").sum()))
+ctx = mp.get_context("fork")
+queue = ctx.Queue()
+proc = ctx.Process(target=child, args=(queue,))
+proc.start()
+print("child result", queue.get(timeout=60))
+proc.join()
+"""
+
+
+@pytest.mark.skipif(not CS.available(), reason="numba is not installed")
+def test_processes_forked_after_the_numba_search_do_not_hang():
+    """DataLoader workers and DDP ranks are forked from processes that ran the search: with numba's
+    GNU OpenMP threading layer a forked child hung in torch's next parallel op (a DDP test did);
+    the search uses numba's own pool, so a forked child's parallel torch op finishes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    done = subprocess.run([sys.executable, "-c", _FORK_CHECK, str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "child result" in done.stdout, done.stderr[-2000:]
+
+
 def test_identity_when_observation_equals_canonical():
     """obs = canon maps every point within the shell to itself with projection='plane'; with
     'closest' this still holds where the projection falls inside the triangle."""

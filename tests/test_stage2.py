@@ -240,3 +240,31 @@ def test_checkpoint_kinds_are_told_apart(world, tmp_path):
     other.backbone.w_dim = other.backbone.w_dim * 2
     with pytest.raises(UserError, match="backbone.w_dim"):
         Stage2GAN.from_stage1(world["ckpt"], alignment=AlignmentConfig(embed_dim=EMBED), expect=other)
+
+
+def test_embedding_collapse_measures_how_much_of_w_survives_t_g(world):
+    """At step 0 (T_G = 0) w_r = w: retention 1 and the alpha = 1 images equal the alpha = 0 ones, so
+    both diversities agree; a T_G that maps every w to one point per r (w_r = c(r), the collapse of
+    sec. 3.5) gives retention 0 and zero image diversity at alpha = 1; a dataset without a cache is
+    refused."""
+    from clipportrait.metrics.lpips import build_lpips
+    from clipportrait.metrics.stage2 import embedding_collapse
+
+    system = stage2(world).eval()
+    dataset = PortraitDataset(world["data"], flip=False, clip_cache=world["cache"])
+    lpips = build_lpips("alex")
+    start = embedding_collapse(system, dataset, rows=2, samples=3, lpips=lpips)
+    assert start["w_retention"] == pytest.approx(1.0, abs=1e-6)
+    assert start["diversity_alpha1"] == pytest.approx(start["diversity_alpha0"], abs=1e-6)
+    assert start["diversity_alpha0"] > 0.01
+
+    class Collapsing(torch.nn.Module):  # T_G(w, r) = 3 r_0 - w  =>  w_r = 3 r_0 in every channel
+        def forward(self, w, r):
+            return 3 * r[:, :1] - w
+
+    system.G_ema.align = Collapsing()
+    collapsed = embedding_collapse(system, dataset, rows=2, samples=3, lpips=lpips)
+    assert collapsed["w_retention"] == pytest.approx(0.0, abs=1e-5)
+    assert collapsed["diversity_alpha1"] < 1e-4 < collapsed["diversity_alpha0"]
+    with pytest.raises(ValueError, match="no CLIP cache"):
+        embedding_collapse(system, PortraitDataset(world["data"], flip=False), rows=1, samples=2)

@@ -19,6 +19,7 @@ The point-triangle distance is `deformation._pair_dist2`'s formula on the same p
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -28,6 +29,12 @@ try:
     from numba import njit, prange
 except ImportError:  # the pure PyTorch search serves installs without numba
     numba = None
+else:
+    # numba's own thread pool instead of GNU OpenMP: with the OpenMP layer running in a process,
+    # processes forked from it (DataLoader workers, DDP ranks started with fork) hang in torch's
+    # OpenMP regions. An explicit NUMBA_THREADING_LAYER still wins.
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"
 
 Tensor = torch.Tensor
 

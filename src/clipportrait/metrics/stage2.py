@@ -135,3 +135,60 @@ def evaluate_text_control(system, clip, dataset, settings: TextEvalConfig, lpips
                           "modality_offset": modality_offset is not None, "clip": clip.model_id}
     result["images"] = images.cpu()
     return result
+
+
+@torch.no_grad()
+def embedding_collapse(system, dataset, rows: int = 16, samples: int = 8, lpips: torch.nn.Module | None = None,
+                       seed: int = 0, device: torch.device | str = "cpu", batch_size: int = 16) -> dict:
+    """The distribution collapse of sec. 3.5 measured at image embeddings the model trained on.
+
+    For ``rows`` dataset rows drawn with ``seed`` (each with its cached r_x-hat, camera and morphable
+    parameters; ``dataset`` must carry a CLIP cache), ``samples`` latents z are mapped to w (EMA
+    mapping, psi = 1) and aligned, w_r = w + T_G(w, r) (eq. 11, alpha = 1). Returned:
+
+    - ``w_retention``: mean over rows of mean pairwise ||w_r(z_i) - w_r(z_j)|| / ||w(z_i) - w(z_j)||
+      (the same z pairs). 1 while T_G adds a function of r only (zero-initialised T_G at step 0);
+      0 when w_r no longer depends on z, i.e. p(x | r) is a delta: the collapse itself, in W;
+    - ``diversity_alpha1`` / ``diversity_alpha0`` (with ``lpips``): mean pairwise LPIPS among a row's
+      images at alpha = 1 and at alpha = 0 (the unconditioned generator, same z, camera and mesh).
+    """
+    from itertools import combinations
+
+    from ..data.datamodule import ConditioningSampler
+    from .text import diversity
+
+    if dataset.clip is None:
+        raise ValueError("embedding_collapse: the dataset carries no CLIP cache (PortraitDataset(clip_cache=...))")
+    if rows < 1 or samples < 2:
+        raise ValueError(f"rows={rows}, samples={samples}: expected rows >= 1 and samples >= 2 (pairs are compared)")
+    device = torch.device(device)
+    G = system.G_ema
+    sampler = ConditioningSampler(dataset, seed=seed, device=device)
+    table = sampler.sample(rows)
+    gen = torch.Generator().manual_seed(seed * 104729 + 1)
+    pairs = torch.tensor(list(combinations(range(samples), 2)))
+    ratios, images = [], {1.0: [], 0.0: []}
+    for k in range(rows):
+        z = torch.randn(samples, system.cfg.backbone.z_dim, generator=gen).to(device)
+        w = G.mapping(z)[:, 0].float()
+        r = table["clip_embedding"][k:k + 1].expand(samples, -1).to(device)
+        w_r = w + G.align(w, r)
+        spread = (w[pairs[:, 0]] - w[pairs[:, 1]]).norm(dim=1).mean()
+        ratios.append(float((w_r[pairs[:, 0]] - w_r[pairs[:, 1]]).norm(dim=1).mean() / spread))
+        if lpips is None:
+            continue
+        cond = {key: value[k:k + 1].expand(samples, *value.shape[1:]) for key, value in table.items()}
+        for alpha in images:
+            cond["alpha"] = torch.full((samples,), alpha, device=device)
+            out = [system.generate(z[s:s + batch_size], {key: v[s:s + batch_size] for key, v in cond.items()},
+                                   G=G, noise_mode="const")["image"].float().clamp(-1, 1)
+                   for s in range(0, samples, batch_size)]
+            images[alpha].append(torch.cat(out))
+    result = {"w_retention": sum(ratios) / rows, "w_retention_per_row": ratios,
+              "protocol": {"rows": rows, "samples": samples, "seed": seed, "alpha": 1.0, "truncation_psi": 1.0,
+                           "conditioning": "cached image embedding, camera and mesh of one dataset row; z varies"}}
+    if lpips is not None:
+        groups = torch.arange(rows).repeat_interleave(samples).tolist()
+        for alpha, name in ((1.0, "diversity_alpha1"), (0.0, "diversity_alpha0")):
+            result[name] = diversity(torch.cat(images[alpha]).to(device), groups, lpips.to(device))["diversity"]
+    return result
