@@ -86,6 +86,33 @@ def test_existing_dataset_with_other_config_refused(dataset):
     assert generate_synthetic(_cfg(), dataset) == dataset  # same config: reused as is
 
 
+def test_head_identity_survives_float_rounding_across_machines(dataset):
+    """A dataset rendered on another machine, whose float buffers of the same head differ in the last
+    bits (1e-7 relative was seen between the CPU and the GPU machine), is still the same head: the
+    exact fingerprint differs, the signature matches. A different head (a changed float buffer or
+    face list) is not."""
+
+    from clipportrait.data.synthetic import RECIPE_FILE, model_fingerprint, same_head
+    from clipportrait.data.zipfs import DatasetFiles
+
+    recipe = json.loads(DatasetFiles(dataset).read_bytes(RECIPE_FILE))
+    model = default_model()
+    assert same_head(recipe, model)
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        rounded.v_template.mul_(1 + 1e-7)
+    assert model_fingerprint(rounded) != recipe["model"]
+    assert same_head(recipe, rounded)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.v_template.mul_(1.01)
+    assert not same_head(recipe, other)
+    faces = copy.deepcopy(model)
+    faces.faces = faces.faces.flip(-1)
+    assert not same_head(recipe, faces)
+    assert not same_head({"model": "0" * 64}, rounded)  # an old recipe without a signature: exact only
+
+
 def test_bad_config_rejected(tmp_path):
     """Invalid config values are errors naming the field."""
     with pytest.raises(ValueError, match="hair_lengths"):

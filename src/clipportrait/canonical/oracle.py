@@ -29,7 +29,7 @@ from ..errors import UserError
 class SyntheticOracle:
     def __init__(self, dataset_path: str | os.PathLike, model, resolution: int) -> None:
         from ..data.config import SyntheticConfig
-        from ..data.synthetic import RECIPE_FILE, PortraitRenderer, model_fingerprint
+        from ..data.synthetic import RECIPE_FILE, PortraitRenderer, same_head
         from ..data.zipfs import DatasetFiles
 
         files = DatasetFiles(Path(dataset_path))
@@ -37,7 +37,7 @@ class SyntheticOracle:
             raise UserError(f"task.embed=oracle needs a synthetic dataset (with {RECIPE_FILE}); {dataset_path} has "
                             "none: use task.embed=canonical (GAN inversion) for other data")
         recipe = json.loads(files.read_bytes(RECIPE_FILE).decode())
-        if recipe.get("model") != model_fingerprint(model):
+        if not same_head(recipe, model):
             raise UserError(f"{dataset_path} was rendered with another head model than the `morphable` group's: "
                             "the oracle re-render would not match it")
         self.config = SyntheticConfig(**recipe["config"])

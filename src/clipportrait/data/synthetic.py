@@ -501,16 +501,63 @@ def default_model() -> MorphableModel:
     return build_morphable(MorphableConfig())
 
 
-def model_fingerprint(model: MorphableModel) -> str:
-    """SHA-256 of the model's class, buffers and canonical mesh (the renderer's texture space):
-    which head a dataset's parameters belong to."""
-    digest = hashlib.sha256(type(model).__name__.encode())
+def _model_arrays(model: MorphableModel) -> dict[str, np.ndarray]:
     with torch.no_grad():
         canonical = {"canonical_vertices": model.canonical_vertices(1)}
-    for name, tensor in sorted({**model.state_dict(), **canonical}.items()):
+    return {name: tensor.detach().cpu().contiguous().numpy()
+            for name, tensor in sorted({**model.state_dict(), **canonical}.items())}
+
+
+def model_fingerprint(model: MorphableModel) -> str:
+    """SHA-256 of the model's class, buffers and canonical mesh (the renderer's texture space):
+    which head a dataset's parameters belong to, bit for bit (see `model_signature`)."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, array in _model_arrays(model).items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+# Float buffers of the procedural head differ in their last bits between machines (1e-7 relative
+# between this CPU and the GPU machine: other BLAS / SIMD paths), which changes the exact hash.
+SIGNATURE_TOLERANCE = 1e-5
+
+
+def model_signature(model: MorphableModel) -> dict[str, list | str]:
+    """The head summarised so that machines agree up to float rounding: per integer buffer the
+    SHA-256 of its bytes, per float buffer (mean, root mean square, a fixed random projection / sqrt n)
+    in float64, plus the class name."""
+    out: dict[str, list | str] = {"class": type(model).__name__}
+    for name, array in _model_arrays(model).items():
+        if array.dtype.kind in "fc":
+            x = array.astype(np.float64).ravel()
+            projection = np.random.default_rng(len(x)).standard_normal(len(x))
+            out[name] = [float(x.mean()), float(np.sqrt((x * x).mean())), float(x @ projection / np.sqrt(len(x)))]
+        else:
+            out[name] = hashlib.sha256(array.tobytes()).hexdigest()
+    return out
+
+
+def same_head(recipe: dict, model: MorphableModel) -> bool:
+    """Whether a dataset recipe (``synthetic_config.json``) was rendered with ``model``: its exact
+    fingerprint, or else its `model_signature` within SIGNATURE_TOLERANCE (relative, per number)."""
+    if recipe.get("model") == model_fingerprint(model):
+        return True
+    stored = recipe.get("model_signature")
+    if not isinstance(stored, dict):
+        return False
+    ours = model_signature(model)
+    if stored.keys() != ours.keys():
+        return False
+    for key, value in ours.items():
+        if isinstance(value, list):
+            other = stored[key]
+            if not isinstance(other, list) or len(other) != len(value) or any(
+                    abs(a - b) > SIGNATURE_TOLERANCE * (1.0 + abs(a)) for a, b in zip(value, other)):
+                return False
+        elif stored[key] != value:
+            return False
+    return True
 
 
 def generate_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike, model: MorphableModel | None = None) -> Path:
@@ -534,14 +581,16 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike, model: 
     model = model if model is not None else default_model()
     # What determines the bytes: the config (not the worker count) and the head model.
     content = {k: v for k, v in asdict(cfg).items() if k != "workers"}
-    recipe = json.dumps({"config": content, "model": model_fingerprint(model)}, sort_keys=True)
+    recipe = json.dumps({"config": content, "model": model_fingerprint(model), "model_signature": model_signature(model)},
+                        sort_keys=True)
     if out.exists():
         problems = check_dataset(out)
         from .zipfs import DatasetFiles
 
         files = DatasetFiles(out)
-        stored = files.read_bytes(RECIPE_FILE).decode() if files.exists(RECIPE_FILE) else None
-        if problems or stored != recipe:
+        stored = json.loads(files.read_bytes(RECIPE_FILE)) if files.exists(RECIPE_FILE) else None
+        same_config = stored is not None and stored.get("config") == json.loads(json.dumps(content))
+        if problems or not same_config or not same_head(stored, model):
             why = "has problems" if problems else "was made with another config or head model (see synthetic_config.json)"
             raise FileExistsError(f"{out} exists and {why}; delete it or choose another path")
         return out

@@ -353,12 +353,13 @@ def _check_head(dataset_path, index, morphable: MorphableModel) -> None:
     """Refuse a synthetic dataset whose recipe names another head model than ``morphable``."""
     import json
 
-    from ..data.synthetic import RECIPE_FILE, model_fingerprint
+    from ..data.synthetic import RECIPE_FILE, model_fingerprint, same_head
 
     if not index.files.exists(RECIPE_FILE):
         return
-    stored = json.loads(index.files.read_bytes(RECIPE_FILE)).get("model")
-    if stored is not None and stored != model_fingerprint(morphable):
+    recipe = json.loads(index.files.read_bytes(RECIPE_FILE))
+    stored = recipe.get("model")
+    if stored is not None and not same_head(recipe, morphable):
         raise ValueError(f"dataset {dataset_path} was rendered with head model {stored[:12]}… ({RECIPE_FILE}), "
                          f"not the morphable model given ({model_fingerprint(morphable)[:12]}…)")
 
