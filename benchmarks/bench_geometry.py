@@ -3,7 +3,8 @@
 python -m benchmarks.bench_geometry --device cuda --out benchmarks/results/geometry-cuda.json
 python -m benchmarks.bench_geometry --device cpu --small          # checks the script itself
 python -m benchmarks.bench_geometry --device cpu --batches 8 --grids 4,8,16,32:256 --warmup 1 --no-baselines
-    (the CPU table: the brute-force baseline alone would take ~1 h of the 20 required runs there)
+    (the CPU table: the brute-force baseline alone would take ~1 h of the 20 required runs there;
+    add --cpu-search torch for the pure PyTorch pair loops instead of the numba-compiled ones)
 
 Deformation: 64*64*96 ray samples per image (EG3D's 64^2 neural render, 48+48 samples) against a
 closed head-like mesh of 2,520 triangles (a latitude-longitude sphere squashed to head proportions
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=None)
     parser.add_argument("--grids", type=str, nargs="+", default=["4,8,16,32:256", "4,8,16,32:128", "8,16,32:256"],
                         help="candidate grids to time: comma-separated resolutions, ':', finest-cell capacity")
+    parser.add_argument("--cpu-search", default="auto", choices=["auto", "numba", "torch"],
+                        help="deformation.cpu_search: the CPU search's pair loops (numba-compiled or PyTorch)")
     parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                         help="also time pytorch3d's brute-force point-face distance and knn_points")
     args = parser.parse_args(argv)
@@ -86,10 +89,12 @@ def main(argv: list[str] | None = None) -> None:
         points = sample_points(labels, res, samples)
         obs = verts[None] + 0.005 * torch.randn(batch, *verts.shape, device=device)
         n = points.shape[1]
-        extra = {"points_per_image": n, "triangles": faces.shape[0]}
+        extra = {"points_per_image": n, "triangles": faces.shape[0],
+                 **({"cpu_search": args.cpu_search, "threads": torch.get_num_threads()} if device.type == "cpu" else {})}
         for spec in args.grids:
             levels, capacity = spec.split(":")
-            cfg = DeformationConfig(grid_levels=[int(x) for x in levels.split(",")], grid_capacity=int(capacity))
+            cfg = DeformationConfig(grid_levels=[int(x) for x in levels.split(",")], grid_capacity=int(capacity),
+                                    cpu_search=args.cpu_search)
             module = SurfaceFieldDeformation(faces, cfg).to(device)
             if device.type == "cuda":
                 grid = build_fixed_grid(obs[:, faces].float(), cfg.shell + cfg.blend, cfg.grid_levels, cfg.grid_capacity)

@@ -5,6 +5,7 @@ discriminator conditioning on, plus the median time of each phase and peak memor
     python -m benchmarks.bench_stage1 --device cuda                      # eg3d_512, batch 32
     python -m benchmarks.bench_stage1 --device cuda --batch 16 --no-tf32
     python -m benchmarks.bench_stage1 --small                            # tiny preset on CPU, checks the script
+    python -m benchmarks.bench_stage1 --small --cpu-search torch         # ... with the PyTorch search loops
 
 EG3D's official training loop on one H100 (DESIGN sec. 8): 27.2 images/s with TF32 off, 35.4 with
 TF32 on (batch 32, no deformation, no mesh conditioning); the target is >= 41 images/s.
@@ -47,7 +48,8 @@ class RandomConditioning:
 def build(args, device: torch.device) -> tuple[Stage1GAN, dict[str, torch.Tensor]]:
     name = "tiny" if args.small else "eg3d_512"
     g, d = preset(name)
-    cfg = Stage1Config(backbone=g, discriminator=d, deformation=DeformationConfig(enabled=not args.no_deformation),
+    deformation = DeformationConfig(enabled=not args.no_deformation, cpu_search=args.cpu_search)
+    cfg = Stage1Config(backbone=g, discriminator=d, deformation=deformation,
                        regularizer=RegularizerConfig(), batch_size=args.batch)
     cfg.optim.mesh_render_resolution = args.rdr_resolution
     if args.no_rdr:
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-rdr", action="store_true", help="switch the mesh-render conditioning off")
     p.add_argument("--rdr-resolution", type=int, default=0, help="rasterise rdr at this size (0: image size)")
     p.add_argument("--cycles", type=int, default=2, help="16-step cycles timed for the throughput")
+    p.add_argument("--cpu-search", default="auto", choices=["auto", "numba", "torch"],
+                   help="deformation.cpu_search (CPU runs): numba-compiled or PyTorch pair loops")
     p.add_argument("--cudnn-benchmark", action="store_true", help="autotune convolutions (minutes of warm-up)")
     args = p.parse_args(argv)
     if args.small:
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     tag = ("tf32" if not args.no_tf32 else "fp32") + ("" if not args.no_deformation else " rigid") + \
         ("" if not args.no_rdr else " no-rdr")
     extra = {"preset": "tiny" if args.small else "eg3d_512", "deformation": not args.no_deformation,
+             "cpu_search": args.cpu_search if device.type == "cpu" else None,
              "mesh_render": not args.no_rdr, "rdr_resolution": args.rdr_resolution or system.cfg.backbone.img_resolution}
 
     def real():
