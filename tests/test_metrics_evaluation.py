@@ -3,6 +3,7 @@ determinism and rank sharding of the fakes, fixed-seed sample grids."""
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -156,6 +157,41 @@ def test_dataset_hash_sees_content_not_container(tmp_path):
     labels[2, 3] += 1e-3
     edited = write_dataset(tmp_path / "e", images, labels, index.shape, index.expression, index.pose)
     assert dataset_content_hash(edited) != dataset_content_hash(folder)
+
+
+def test_dataset_hash_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    """The content hash is kept per dataset path with the files' sizes and times: a second call reads
+    no image; rewriting an image (other bytes) or a label file rehashes and gives the new content's
+    hash; touching a file with unchanged bytes rehashes to the same hash; an unreadable memo is ignored."""
+    import os
+
+    from clipportrait.metrics import evaluation
+
+    monkeypatch.setenv("CLIPPORTRAIT_CACHE", str(tmp_path / "cache"))
+    calls = []
+    full = evaluation._index_content_hash
+    monkeypatch.setattr(evaluation, "_index_content_hash", lambda index, show=False: calls.append(1) or full(index, show))
+    folder = write_tiny_dataset(tmp_path / "f", num=4, seed=3)
+    first = dataset_content_hash(folder)
+    assert dataset_content_hash(folder) == first and len(calls) == 1
+    image = folder / read_index(folder).names[1]
+    other = write_tiny_dataset(tmp_path / "g", num=4, seed=9)
+    image.write_bytes((other / read_index(other).names[1]).read_bytes())
+    changed = dataset_content_hash(folder)
+    assert len(calls) == 2 and changed != first
+    assert changed == full(read_index(folder))
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert dataset_content_hash(folder) == changed and len(calls) == 3
+    labels_file = folder / "dataset.json"
+    labels = json.loads(labels_file.read_text())
+    labels["labels"][0][1][3] += 0.5
+    labels_file.write_text(json.dumps(labels))
+    relabelled = dataset_content_hash(folder)
+    assert len(calls) == 4 and relabelled != changed
+    for memo in (tmp_path / "cache" / "dataset_hashes").iterdir():
+        memo.write_text("{not json")
+    assert dataset_content_hash(folder) == relabelled and len(calls) == 5
 
 
 def test_same_seed_same_fakes_other_seed_other_fakes(tmp_path):

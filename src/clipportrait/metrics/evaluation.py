@@ -220,10 +220,55 @@ def _index_content_hash(index: DatasetIndex, show_progress: bool = False) -> str
     return h.hexdigest()
 
 
+def _stat_signature(index: DatasetIndex) -> str:
+    """What the content hash depends on, by file metadata only: size and modification time of the zip,
+    or of the label/parameter files and every listed image of a folder."""
+    from ..data.format import LABELS_FILE, MORPHABLE_FILE
+
+    files = index.files
+    h = hashlib.sha256(b"clipportrait-dataset-stat-v1\0")
+    paths = [files.root] if files.is_zip else [files.root / n for n in (LABELS_FILE, MORPHABLE_FILE, *index.names)]
+    for path in paths:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            h.update(f"{path.name}\0missing\0".encode())
+            continue
+        h.update(f"{path.relative_to(files.root) if path != files.root else ''}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()
+
+
+def index_content_hash(index: DatasetIndex, show_progress: bool = False) -> str:
+    """`dataset_content_hash` of a read index, remembered per dataset path in the asset cache
+    ($CLIPPORTRAIT_CACHE/dataset_hashes) together with the files' sizes and modification times:
+    reading every image again is skipped while none of them changed (a large dataset's full read
+    took minutes on each cache load)."""
+    from ..assets.cache import cache_dir
+    from ..utils.files import atomic_open
+
+    memo = cache_dir() / "dataset_hashes" / f"{hashlib.sha256(str(index.files.root.resolve()).encode()).hexdigest()}.json"
+    stat = _stat_signature(index)
+    try:
+        stored = json.loads(memo.read_text())
+        if stored.get("stat") == stat and isinstance(stored.get("hash"), str):
+            return stored["hash"]
+    except (OSError, ValueError):
+        pass  # absent or unreadable: recompute
+    digest = _index_content_hash(index, show_progress)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(memo, "w") as f:
+            json.dump({"path": str(index.files.root.resolve()), "stat": stat, "hash": digest}, f)
+    except OSError as err:  # a read-only cache costs a rehash next time, nothing else
+        log.warning("could not remember the dataset hash in %s: %s", memo, err)
+    return digest
+
+
 def dataset_content_hash(path: str | Path, show_progress: bool = False) -> str:
     """sha256 over the dataset's names, camera labels, morphable arrays and the bytes of every image
-    listed (folder or zip); independent of file times and of the container (same for folder and zip)."""
-    return _index_content_hash(read_index(path), show_progress)
+    listed (folder or zip); independent of file times and of the container (same for folder and zip).
+    Remembered while the files' sizes and times stay the same (`index_content_hash`)."""
+    return index_content_hash(read_index(path), show_progress)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,7 +336,7 @@ class RealStatistics:
         rank, _ = rank_and_world()
         num_items = dataset.num_images if max_items is None else min(max_items, dataset.num_images)
         # Rank 0 hashes the dataset; the others trust it (it is the same dataset on every rank).
-        dataset_hash = _from_rank0(_index_content_hash(dataset.index, show_progress) if rank == 0 else "", device)
+        dataset_hash = _from_rank0(index_content_hash(dataset.index, show_progress) if rank == 0 else "", device)
         resolution = dataset.resolution or int(dataset.index.read_image(int(dataset.rows[0])).shape[0])
         key = StatsKey(dataset_hash, extractor.sha256, resolution, max_items)
         path = None if cache_dir is None else cls.cache_path(cache_dir, key)
