@@ -177,6 +177,8 @@ def test_dataset_hash_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
     image = folder / read_index(folder).names[1]
     other = write_tiny_dataset(tmp_path / "g", num=4, seed=9)
     image.write_bytes((other / read_index(other).names[1]).read_bytes())
+    stat = image.stat()  # file times can be coarser than this test is fast: make the rewrite's visible
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     changed = dataset_content_hash(folder)
     assert len(calls) == 2 and changed != first
     assert changed == full(read_index(folder))
@@ -187,6 +189,8 @@ def test_dataset_hash_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
     labels = json.loads(labels_file.read_text())
     labels["labels"][0][1][3] += 0.5
     labels_file.write_text(json.dumps(labels))
+    stat = labels_file.stat()
+    os.utime(labels_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     relabelled = dataset_content_hash(folder)
     assert len(calls) == 4 and relabelled != changed
     for memo in (tmp_path / "cache" / "dataset_hashes").iterdir():

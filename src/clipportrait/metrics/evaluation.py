@@ -221,8 +221,8 @@ def _index_content_hash(index: DatasetIndex, show_progress: bool = False) -> str
 
 
 def _stat_signature(index: DatasetIndex) -> str:
-    """What the content hash depends on, by file metadata only: size and modification time of the zip,
-    or of the label/parameter files and every listed image of a folder."""
+    """What the content hash depends on, by file metadata only: size, modification and change times and
+    inode of the zip, or of the label/parameter files and every listed image of a folder."""
     from ..data.format import LABELS_FILE, MORPHABLE_FILE
 
     files = index.files
@@ -234,7 +234,8 @@ def _stat_signature(index: DatasetIndex) -> str:
         except FileNotFoundError:
             h.update(f"{path.name}\0missing\0".encode())
             continue
-        h.update(f"{path.relative_to(files.root) if path != files.root else ''}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        name = path.relative_to(files.root) if path != files.root else ""
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0".encode())
     return h.hexdigest()
 
 
