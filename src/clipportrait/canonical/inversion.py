@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
+from ..metrics.lpips import lpips_features, lpips_from_features
 from .config import InversionConfig
 
 if TYPE_CHECKING:  # heavy imports stay out of the task schema's import path
@@ -156,8 +157,6 @@ class Inverter:
     def target(self, images: torch.Tensor, size: int, step_precision: bool = True) -> Target:
         """``images`` (B,3,R,R) as a `Target` compared at ``size`` (area downsampling; 0 or >= R: as is),
         its features in the steps' precision (``step_precision``) or in float32."""
-        from ..metrics.lpips import lpips_features
-
         if size and size < images.shape[-1]:
             images = F.interpolate(images, size=(size, size), mode="area")
         with torch.no_grad(), self.autocast(step_precision):
@@ -167,8 +166,6 @@ class Inverter:
     def distance(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image (LPIPS, total loss), both (B,), of ``image`` against ``target`` at the target's
         size: eq. 9's distance plus the optional pixel term."""
-        from ..metrics.lpips import lpips_features, lpips_from_features
-
         size = target.pixels.shape[-1]
         if image.shape[-1] != size:
             image = F.interpolate(image, size=(size, size), mode="area")

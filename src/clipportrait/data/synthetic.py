@@ -508,14 +508,18 @@ def _model_arrays(model: MorphableModel) -> dict[str, np.ndarray]:
             for name, tensor in sorted({**model.state_dict(), **canonical}.items())}
 
 
-def model_fingerprint(model: MorphableModel) -> str:
-    """SHA-256 of the model's class, buffers and canonical mesh (the renderer's texture space):
-    which head a dataset's parameters belong to, bit for bit (see `model_signature`)."""
-    digest = hashlib.sha256(type(model).__name__.encode())
-    for name, array in _model_arrays(model).items():
+def _fingerprint(class_name: str, arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256(class_name.encode())
+    for name, array in arrays.items():
         digest.update(name.encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+def model_fingerprint(model: MorphableModel) -> str:
+    """SHA-256 of the model's class, buffers and canonical mesh (the renderer's texture space):
+    which head a dataset's parameters belong to, bit for bit (see `model_signature`)."""
+    return _fingerprint(type(model).__name__, _model_arrays(model))
 
 
 # Float buffers of the procedural head differ in their last bits between machines (1e-7 relative
@@ -523,12 +527,9 @@ def model_fingerprint(model: MorphableModel) -> str:
 SIGNATURE_TOLERANCE = 1e-5
 
 
-def model_signature(model: MorphableModel) -> dict[str, list | str]:
-    """The head summarised so that machines agree up to float rounding: per integer buffer the
-    SHA-256 of its bytes, per float buffer (mean, root mean square, a fixed random projection / sqrt n)
-    in float64, plus the class name."""
-    out: dict[str, list | str] = {"class": type(model).__name__}
-    for name, array in _model_arrays(model).items():
+def _signature(class_name: str, arrays: dict[str, np.ndarray]) -> dict[str, list | str]:
+    out: dict[str, list | str] = {"class": class_name}
+    for name, array in arrays.items():
         if array.dtype.kind in "fc":
             x = array.astype(np.float64).ravel()
             projection = np.random.default_rng(len(x)).standard_normal(len(x))
@@ -538,16 +539,23 @@ def model_signature(model: MorphableModel) -> dict[str, list | str]:
     return out
 
 
-def same_head(recipe: dict, model: MorphableModel) -> bool:
-    """Whether a dataset recipe (``synthetic_config.json``) was rendered with ``model``: its exact
-    fingerprint, or else its `model_signature` within SIGNATURE_TOLERANCE (relative, per number)."""
-    if recipe.get("model") == model_fingerprint(model):
-        return True
-    stored = recipe.get("model_signature")
-    if not isinstance(stored, dict):
-        return False
-    ours = model_signature(model)
-    if stored.keys() != ours.keys():
+def model_signature(model: MorphableModel) -> dict[str, list | str]:
+    """The head summarised so that machines agree up to float rounding: per integer buffer the
+    SHA-256 of its bytes, per float buffer (mean, root mean square, a fixed random projection / sqrt n)
+    in float64, plus the class name."""
+    return _signature(type(model).__name__, _model_arrays(model))
+
+
+def head_identity(model: MorphableModel) -> dict[str, str | dict]:
+    """``{"model": model_fingerprint, "model_signature": model_signature}`` from one pass over the
+    model's arrays: what a dataset recipe records of its head."""
+    arrays = _model_arrays(model)
+    name = type(model).__name__
+    return {"model": _fingerprint(name, arrays), "model_signature": _signature(name, arrays)}
+
+
+def _signatures_match(stored, ours: dict[str, list | str]) -> bool:
+    if not isinstance(stored, dict) or stored.keys() != ours.keys():
         return False
     for key, value in ours.items():
         if isinstance(value, list):
@@ -558,6 +566,15 @@ def same_head(recipe: dict, model: MorphableModel) -> bool:
         elif stored[key] != value:
             return False
     return True
+
+
+def same_head(recipe: dict, model: MorphableModel, identity: dict | None = None) -> bool:
+    """Whether a dataset recipe (``synthetic_config.json``) was rendered with ``model``: its exact
+    fingerprint, or else its `model_signature` within SIGNATURE_TOLERANCE (relative, per number).
+    ``identity``: `head_identity(model)` when the caller has it already."""
+    identity = head_identity(model) if identity is None else identity
+    return recipe.get("model") == identity["model"] or _signatures_match(recipe.get("model_signature"),
+                                                                          identity["model_signature"])
 
 
 def generate_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike, model: MorphableModel | None = None) -> Path:
@@ -581,8 +598,8 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike, model: 
     model = model if model is not None else default_model()
     # What determines the bytes: the config (not the worker count) and the head model.
     content = {k: v for k, v in asdict(cfg).items() if k != "workers"}
-    recipe = json.dumps({"config": content, "model": model_fingerprint(model), "model_signature": model_signature(model)},
-                        sort_keys=True)
+    identity = head_identity(model)
+    recipe = json.dumps({"config": content, **identity}, sort_keys=True)
     if out.exists():
         problems = check_dataset(out)
         from .zipfs import DatasetFiles
@@ -590,7 +607,7 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike, model: 
         files = DatasetFiles(out)
         stored = json.loads(files.read_bytes(RECIPE_FILE)) if files.exists(RECIPE_FILE) else None
         same_config = stored is not None and stored.get("config") == json.loads(json.dumps(content))
-        if problems or not same_config or not same_head(stored, model):
+        if problems or not same_config or not same_head(stored, model, identity):
             why = "has problems" if problems else "was made with another config or head model (see synthetic_config.json)"
             raise FileExistsError(f"{out} exists and {why}; delete it or choose another path")
         return out

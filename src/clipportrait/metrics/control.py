@@ -353,15 +353,16 @@ def _check_head(dataset_path, index, morphable: MorphableModel) -> None:
     """Refuse a synthetic dataset whose recipe names another head model than ``morphable``."""
     import json
 
-    from ..data.synthetic import RECIPE_FILE, model_fingerprint, same_head
+    from ..data.synthetic import RECIPE_FILE, head_identity, same_head
 
     if not index.files.exists(RECIPE_FILE):
         return
     recipe = json.loads(index.files.read_bytes(RECIPE_FILE))
     stored = recipe.get("model")
-    if stored is not None and not same_head(recipe, morphable):
+    identity = head_identity(morphable)
+    if stored is not None and not same_head(recipe, morphable, identity):
         raise ValueError(f"dataset {dataset_path} was rendered with head model {stored[:12]}… ({RECIPE_FILE}), "
-                         f"not the morphable model given ({model_fingerprint(morphable)[:12]}…)")
+                         f"not the morphable model given ({identity['model'][:12]}…)")
 
 
 def text_control_accuracy(probe: ColorProbe, images: torch.Tensor, cond: dict[str, torch.Tensor],

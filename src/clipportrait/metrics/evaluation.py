@@ -241,7 +241,7 @@ def _stat_signature(index: DatasetIndex) -> str:
 
 def index_content_hash(index: DatasetIndex, show_progress: bool = False) -> str:
     """`dataset_content_hash` of a read index, remembered per dataset path in the asset cache
-    ($CLIPPORTRAIT_CACHE/dataset_hashes) together with the files' sizes and modification times:
+    ($CLIPPORTRAIT_CACHE/dataset_hashes) together with the files' sizes, times and inodes:
     reading every image again is skipped while none of them changed (a large dataset's full read
     took minutes on each cache load)."""
     from ..assets.cache import cache_dir
