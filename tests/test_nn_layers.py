@@ -140,6 +140,17 @@ def test_downsampling_conv_equals_conv_then_fir_downsample_in_interior():
     torch.testing.assert_close(got[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], atol=1e-10, rtol=1e-10)
 
 
+def test_downsampling_1x1_conv_equals_conv_then_fir_downsample_everywhere():
+    """The 1x1 skip conv with down=2 (decimating FIR, then the conv on the kept pixels) equals the 1x1
+    conv at full resolution followed by FIR downsampling, borders included (no conv padding)."""
+    torch.manual_seed(0)
+    layer = Conv2dLayer(3, 4, 1, bias=False, down=2).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    got = layer(x)
+    w = layer.weight.double() * layer.weight_gain
+    torch.testing.assert_close(got, downsample2d(F.conv2d(x, w), fir_filter().double()), atol=1e-12, rtol=1e-12)
+
+
 def test_equalised_lr_linear_and_bias_act():
     """FullyConnected uses weight * lr_mul / sqrt(in) and bias * lr_mul; lrelu gain is sqrt(2)
     with slope 0.2; clamp limits to +-clamp*gain."""

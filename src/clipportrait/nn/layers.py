@@ -222,8 +222,12 @@ class Conv2dLayer(nn.Module):
             # Low-pass with the FIR filter, then a strided conv (StyleGAN2's downsampling conv).
             pad0 = self.padding + (k - self.down + 1) // 2
             pad1 = self.padding + (k - self.down) // 2
-            x = upfirdn2d(x, f, padding=(pad0, pad1, pad0, pad1))
-            x = F.conv2d(x, w.to(x.dtype), stride=self.down)
+            if w.shape[-1] == 1:  # a 1x1 conv commutes with the decimation: filter only the kept pixels
+                x = upfirdn2d(x, f, down=self.down, padding=(pad0, pad1, pad0, pad1))
+                x = F.conv2d(x, w.to(x.dtype))
+            else:
+                x = upfirdn2d(x, f, padding=(pad0, pad1, pad0, pad1))
+                x = F.conv2d(x, w.to(x.dtype), stride=self.down)
         else:
             x = F.conv2d(x, w.to(x.dtype), padding=self.padding)
         return bias_act(x, self.bias, self.activation, gain=gain, clamp=self.conv_clamp)
