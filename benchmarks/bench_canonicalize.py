@@ -36,8 +36,8 @@ from clipportrait.systems.stage1 import Stage1Config, Stage1GAN
 TARGET_IMAGES_PER_S = 2.0  # eg3d_512, 200 steps, one H100 (DESIGN.md section 8)
 
 
-def build_system(name: str, deformation: bool, device: torch.device) -> Stage1GAN:
-    g, d = preset(name)
+def build_system(name: str, deformation: bool, device: torch.device, compile_mode: str = "off") -> Stage1GAN:
+    g, d = preset(name, compile=compile_mode)
     cfg = Stage1Config(backbone=g, discriminator=d, deformation=DeformationConfig(enabled=deformation))
     torch.manual_seed(0)
     return Stage1GAN(cfg).to(device).eval()
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps
     if args.small:
         batches, steps = [b for b in batches if b <= 2] or [1], min(steps, 3)
-    system = build_system(name, not args.no_deformation, device)
+    system = build_system(name, not args.no_deformation, device, args.compile)
     cfg = InversionConfig(steps=steps, lpips_resolution=args.lpips_resolution, w_avg_samples=1000,
                           precision=args.precision)
     lpips = random_lpips(device) if args.random_lpips else build_lpips("vgg", device=device, weights=args.lpips_weights)

@@ -3,7 +3,8 @@
 
     python -m benchmarks.bench_generator --device cuda --out benchmarks/results/bench_generator-cuda.json
     python -m benchmarks.bench_generator --small          # tiny preset on CPU, checks the script
-    ... --compile / --cuda-graphs                          # extra batch-1 latency variants
+    ... --compile cuda                                     # every row with backbone.compile=cuda
+    ... --cuda-graphs                                      # extra batch-1 variant replayed as a CUDA graph
 
 EG3D's official generator on an H100 (DESIGN sec. 8): batch-1 forward 23.5 ms, batch-32 forward
 200.7 images/s, batch-8 forward+backward 129.4 ms, peak 0.49 / 10.0 / 13.1 GiB.
@@ -72,12 +73,10 @@ def cuda_graph_fn(fn, device: torch.device):
 
 def main(argv: list[str] | None = None) -> None:
     parser = common_args(__doc__.splitlines()[0])
-    parser.add_argument("--compile", action="store_true", help="also time batch-1 with torch.compile")
-    parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode")
     parser.add_argument("--cuda-graphs", action="store_true", help="also time batch-1 replayed as a CUDA graph")
     parser.add_argument("--no-deform", action="store_true", help="skip the with-deformation rows")
     parser.add_argument("--latency-only", action="store_true",
-                        help="skip the main table: only the batch-1 --compile / --cuda-graphs variants")
+                        help="skip the main table: only the batch-1 eager / --cuda-graphs variants")
     parser.add_argument("--faces", type=int, default=2500, help="triangles of the deformation mesh")
     parser.add_argument("--eager", action="store_true",
                         help="cuda_fast_path=False: the NCHW reference path")
@@ -90,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     g_cfg, _ = preset(name, neural_rendering_resolution=16, depth_samples=8, importance_samples=8) if args.small \
         else preset(name)
     g_cfg.cuda_fast_path = not args.eager
+    g_cfg.compile = args.compile
     b_lat, b_thr, b_train = (1, 2, 2) if args.small else (1, 32, 8)
     faces = 300 if args.small else args.faces
     torch.manual_seed(0)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                 z = torch.randn(batch, g_cfg.z_dim, device=device)
                 c = sample_ffhq_like(batch, generator=torch.Generator().manual_seed(1)).to(device)
                 extra = {"preset": name, "params": G_params, "deformation_faces": n_faces, "mode": mode,
-                         "cuda_fast_path": g_cfg.cuda_fast_path}
+                         "cuda_fast_path": g_cfg.cuda_fast_path, "compile": g_cfg.compile}
 
                 if mode == "forward":
                     G.eval()
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                 G.zero_grad(set_to_none=True)
     G.eval()
 
-    if args.compile or args.cuda_graphs:
+    if args.latency_only or args.cuda_graphs:
         # Rays of a fixed camera are computed once (as an interactive viewer would cache them):
         # the label checks in ray_bundle synchronise with the host, which CUDA graphs forbid.
         z = torch.randn(b_lat, g_cfg.z_dim, device=device)
@@ -151,13 +151,9 @@ def main(argv: list[str] | None = None) -> None:
                 with torch.inference_mode(), precision_context(precision, device):
                     return step(z, origins, dirs)
 
-            extra = {"preset": name, "params": G_params, "rays": "precomputed",
+            extra = {"preset": name, "params": G_params, "rays": "precomputed", "compile": g_cfg.compile,
                      "deformation_faces": n_faces if deform else 0}
             run(f"G mapping+render {tag} eager", eager, b_lat, precision, extra)
-            if args.compile:
-                compiled = torch.compile(core, mode=args.compile_mode)
-                run(f"G mapping+render {tag} compile", functools.partial(eager, step=compiled), b_lat,
-                    precision, {**extra, "compile_mode": args.compile_mode})
             if args.cuda_graphs and device.type == "cuda":
                 try:
                     replay = cuda_graph_fn(eager, device)

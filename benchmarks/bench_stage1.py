@@ -47,7 +47,7 @@ class RandomConditioning:
 
 def build(args, device: torch.device) -> tuple[Stage1GAN, dict[str, torch.Tensor]]:
     name = "tiny" if args.small else "eg3d_512"
-    g, d = preset(name)
+    g, d = preset(name, compile=args.compile)
     deformation = DeformationConfig(enabled=not args.no_deformation, cpu_search=args.cpu_search)
     cfg = Stage1Config(backbone=g, discriminator=d, deformation=deformation,
                        regularizer=RegularizerConfig(), batch_size=args.batch)

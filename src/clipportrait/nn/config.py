@@ -52,8 +52,14 @@ class BackboneConfig:
     # CUDA fast path of the synthesis and super-resolution layers: channels_last convs, FIR folded
     # into the transposed conv, in-place conv tails (same function; CPU keeps the reference path).
     cuda_fast_path: bool = True
+    # torch.compile of synthesis, rendering and super-resolution (nn/compiled.py): off | cuda | always.
+    # An execution setting like cuda_fast_path: checkpoints load under any value.
+    compile: str = "off"
 
     def validate(self) -> None:
+        from clipportrait.nn.compiled import check_mode
+
+        check_mode(self.compile)
         if self.decoder_features < 3:
             raise ValueError(f"decoder_features={self.decoder_features}: need >= 3 (the first 3 are RGB)")
         sr_out = self.sr_input_resolution * 2 ** len(self.sr_channels)

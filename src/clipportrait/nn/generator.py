@@ -22,6 +22,7 @@ from clipportrait.nn.config import BackboneConfig
 from clipportrait.nn.mapping import MappingNetwork
 from clipportrait.nn.renderer import render_rays
 from clipportrait.nn import triplane_triton
+from clipportrait.nn.compiled import eager_only, maybe_compiled
 from clipportrait.nn.superres import SuperResolution
 from clipportrait.nn.synthesis import SynthesisNetwork
 from clipportrait.nn.triplane import TriplaneDecoder, sample_triplane
@@ -53,7 +54,7 @@ class TriplaneGenerator(nn.Module):
     # -- pieces -------------------------------------------------------------------------------
     def planes(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
         """ws (B, num_ws, w_dim) -> tri-plane (B, 3, C, R, R), float32."""
-        img = self.backbone(ws, noise_mode)
+        img = maybe_compiled(SynthesisNetwork.forward, self.cfg.compile, ws)(self.backbone, ws, noise_mode)
         c, r = self.cfg.triplane_channels, self.cfg.triplane_resolution
         return img.reshape(img.shape[0], 3, c, r, r)
 
@@ -65,6 +66,8 @@ class TriplaneGenerator(nn.Module):
         and points that require a gradient."""
         fused = self.cfg.cuda_fast_path and triplane_triton.available(planes)
         planes_cl = triplane_triton.channels_last_planes(planes) if fused else None
+        if deformer is not None and self.cfg.compile != "off":
+            deformer = eager_only(deformer)
 
         def query(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if deformer is not None:
@@ -111,7 +114,7 @@ class TriplaneGenerator(nn.Module):
             )
         perturb = self.training if perturb is None else perturb
         planes = self.planes(ws, noise_mode)
-        out = render_rays(
+        out = maybe_compiled(render_rays, cfg.compile, origins)(
             self.field(planes, deformer), origins, dirs, cfg.depth_samples, cfg.importance_samples,
             cfg.ray_start, cfg.ray_end, perturb=perturb, density_bias=cfg.density_bias,
         )
@@ -121,7 +124,8 @@ class TriplaneGenerator(nn.Module):
 
         feature_image = to_image(out["features"])
         rgb = feature_image[:, :3]
-        image = self.superresolution(rgb, feature_image, ws[:, -1], noise_mode)
+        image = maybe_compiled(SuperResolution.forward, cfg.compile, rgb)(
+            self.superresolution, rgb, feature_image, ws[:, -1], noise_mode)
         return {
             "image": image,
             "image_raw": rgb,

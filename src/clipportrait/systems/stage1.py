@@ -116,6 +116,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# Fields of the architecture groups that choose how the same function is computed.
+EXECUTION_SETTINGS = {("deformation", "backend"), ("deformation", "cpu_search"), ("deformation", "pair_chunk"),
+                      ("deformation", "grid_capacity"), ("backbone", "cuda_fast_path"), ("backbone", "compile")}
+
+
 def architecture_differences(a: dict[str, Any], b: dict[str, Any],
                              groups: tuple[str, ...] = Stage1Config.ARCHITECTURE) -> list[str]:
     """``group.key: a != b`` for every architecture field of ``groups`` that differs between two config dicts."""
@@ -123,8 +128,8 @@ def architecture_differences(a: dict[str, Any], b: dict[str, Any],
     for group in groups:
         ga, gb = a.get(group, {}), b.get(group, {})
         for key in sorted(set(ga) | set(gb)):
-            if group == "deformation" and key in ("backend", "cpu_search", "pair_chunk", "grid_capacity"):
-                continue  # execution settings, not the model
+            if (group, key) in EXECUTION_SETTINGS:
+                continue  # how the model runs, not what it is
             if ga.get(key) != gb.get(key):
                 diffs.append(f"{group}.{key}: {ga.get(key)!r} != {gb.get(key)!r}")
     return diffs

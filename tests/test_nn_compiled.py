@@ -1,0 +1,138 @@
+"""``backbone.compile``: the torch.compile'd synthesis, render and super-resolution compute the eager
+generator's function (values and gradients), with and without the deformation in front of the
+lookup, and the switch is an execution setting (checkpoints load under any value)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from clipportrait.geometry.cameras import ray_bundle, sample_ffhq_like
+from clipportrait.nn import build_generator, preset
+from clipportrait.nn.compiled import wanted
+
+
+def _pair(compile_mode: str, device: str = "cpu", **overrides):
+    g_cfg, _ = preset("tiny", neural_rendering_resolution=16, depth_samples=6, importance_samples=6, **overrides)
+    torch.manual_seed(0)
+    eager = build_generator(g_cfg).to(device).train()
+    compiled = build_generator(dataclasses.replace(g_cfg, compile=compile_mode)).to(device).train()
+    compiled.load_state_dict(eager.state_dict())
+    return eager, compiled
+
+
+def _render_and_grads(G, ws, origins, dirs, deformer=None):
+    out = G.render(ws, origins, dirs, deformer, noise_mode="const", perturb=False)
+    loss = out["image"].square().mean() + out["image_raw"].square().mean() + out["image_depth"].mean()
+    grads = torch.autograd.grad(loss, list(G.parameters()), allow_unused=True)
+    return {k: v.detach() for k, v in out.items()}, grads
+
+
+def _deformer(batch: int, device: str):
+    from clipportrait.geometry.deformation import SurfaceFieldDeformation
+    from clipportrait.geometry.morphable.config import MorphableConfig, build_morphable
+
+    head = build_morphable(MorphableConfig(target_faces_simplified=300)).to(device)
+    params = head.sample_params(batch, generator=torch.Generator().manual_seed(3))
+    obs = head.simplify(head(params.shape, params.expression, params.pose))
+    canon = head.simplify(head.canonical_vertices(1))
+    return SurfaceFieldDeformation(head.simplified_faces).to(device).bind(obs.to(device), canon.to(device))
+
+
+def _assert_same_function(eager, reference, candidate, value_tol: float, grad_tol: float):
+    """Values within ``value_tol`` and every gradient within ``grad_tol``, both relative to the
+    reference's norm (the compiled graphs sum in another order)."""
+    (out_e, grad_e), (out_c, grad_c) = reference, candidate
+    for key in ("image", "image_raw", "image_depth"):
+        err = float((out_c[key] - out_e[key]).norm() / out_e[key].norm())
+        assert err < value_tol, (key, err)
+    checked = 0
+    for (name, _), a, b in zip(eager.named_parameters(), grad_c, grad_e):
+        assert (a is None) == (b is None), name
+        if b is not None and b.numel() > 1:  # scalars on CUDA sum over atomics (see test_nn_fused)
+            checked += 1
+            err = float((a - b).norm() / b.norm().clamp_min(1e-30))
+            assert err < grad_tol, (name, err)
+    assert checked > 30
+
+
+def _deformed_images(eager, compiled, ws, origins, dirs, device: str) -> list[torch.Tensor]:
+    """Eval-mode images with the deformation: eager, compiled, and eager with the ray origins moved by
+    one part in 10^7 (about one float32 rounding step), the last measuring how much rounding alone
+    changes a deformed render."""
+    with torch.no_grad():
+        return [G.eval().render(ws, o, dirs, _deformer(2, device), noise_mode="const")["image"]
+                for G, o in ((eager, origins), (compiled, origins), (eager, origins * (1 + 1e-7)))]
+
+
+def _assert_same_up_to_rounding(images, rigid):
+    """With the deformation in front of the lookup, a sample point that moves by one rounding step can
+    cross to another nearest triangle (and importance sampling and super-resolution spread that over a
+    few pixels), so compiled and eager differ where eager differs from itself under a rounding-sized
+    nudge of its inputs: the compiled difference must stay within a few times that (CPU, measured:
+    compiled max 4.1e-4 / mean 6.0e-6; nudged eager 2.4e-3 / 5.3e-5), against the deformation's own
+    effect."""
+    eager, compiled, nudged = images
+    diff, natural = (compiled - eager).abs(), (nudged - eager).abs()
+    stats = {"compiled": (float(diff.max()), float(diff.mean())), "nudged": (float(natural.max()), float(natural.mean()))}
+    assert float(diff.mean()) <= 4 * float(natural.mean()) + 1e-6, stats
+    assert float(diff.max()) <= 4 * float(natural.max()) + 1e-3, stats
+    # The deformation did act, by far more than rounding does (so a compiled render that lost it fails).
+    assert float((eager - rigid).abs().mean()) > 10 * float(natural.mean()), stats  # CPU: 9.6e-4
+
+
+def test_compiled_generator_equals_eager_values_and_gradients():
+    """compile=always on the CPU: image, raw image and depth equal the eager generator's, and so does
+    every parameter's gradient, through the compiled backward of all three pieces. With the
+    deformation in front of the lookup (run eagerly between compiled graphs), the images agree up to
+    the deformation's discrete nearest-triangle choice: a sample point that moves by one rounding step
+    can cross to another triangle; super-resolution spreads such a ray over a few output pixels
+    (max difference < 1e-3, mean < 2e-5, against > 1e-2 for the deformation's own effect)."""
+    eager, compiled = _pair("always")
+    origins, dirs = ray_bundle(sample_ffhq_like(2, generator=torch.Generator().manual_seed(1)), 16)
+    ws = eager.mapping(torch.randn(2, eager.cfg.z_dim)).detach()
+    (out_e, grad_e), (out_c, grad_c) = [_render_and_grads(G, ws, origins, dirs) for G in (eager, compiled)]
+    _assert_same_function(eager, (out_e, grad_e), (out_c, grad_c), value_tol=1e-5, grad_tol=1e-4)
+    _assert_same_up_to_rounding(_deformed_images(eager, compiled, ws, origins, dirs, "cpu"), rigid=out_e["image"])
+
+
+def test_compile_modes_choose_devices_and_reject_unknown_values():
+    cpu = torch.zeros(1)
+    assert not wanted("off", cpu) and not wanted("cuda", cpu) and wanted("always", cpu)
+    g_cfg, _ = preset("tiny")
+    with pytest.raises(ValueError, match=r"backbone.compile='yes'.*'off', 'cuda', 'always'"):
+        dataclasses.replace(g_cfg, compile="yes").validate()
+
+
+def test_compile_and_fast_path_are_execution_settings_not_architecture():
+    """A checkpoint trained with one compile/fast-path setting loads under another; a real
+    architecture change is still reported."""
+    from clipportrait.systems.stage1 import Stage1Config, architecture_differences
+
+    a = Stage1Config().as_dict()
+    b = Stage1Config().as_dict()
+    b["backbone"].update(compile="cuda", cuda_fast_path=False)
+    assert architecture_differences(a, b) == []
+    b["backbone"]["decoder_hidden"] = 32
+    assert architecture_differences(a, b) == ["backbone.decoder_hidden: 64 != 32"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compile=cuda compiles CUDA work only")
+def test_cuda_compiled_generator_equals_eager():
+    """compile=cuda on a GPU (float32, no TF32; fused Triton lookup and deformation inside the compiled
+    render): values and gradients of the eager generator; with the deformation, values up to its
+    triangle ties."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        eager, compiled = _pair("cuda", "cuda", sr_bf16=False)
+        origins, dirs = ray_bundle(sample_ffhq_like(2, generator=torch.Generator().manual_seed(1)).cuda(), 16)
+        ws = eager.mapping(torch.randn(2, eager.cfg.z_dim, device="cuda")).detach()
+        rigid = [_render_and_grads(G, ws, origins, dirs) for G in (eager, compiled)]
+        deformed = _deformed_images(eager, compiled, ws, origins, dirs, "cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    _assert_same_function(eager, *rigid, value_tol=1e-4, grad_tol=1e-3)
+    _assert_same_up_to_rounding(deformed, rigid=rigid[0][0]["image"])
