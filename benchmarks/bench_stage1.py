@@ -13,6 +13,7 @@ TF32 on (batch 32, no deformation, no mesh conditioning); the target is >= 41 im
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -47,7 +48,7 @@ class RandomConditioning:
 
 def build(args, device: torch.device) -> tuple[Stage1GAN, dict[str, torch.Tensor]]:
     name = "tiny" if args.small else "eg3d_512"
-    g, d = preset(name, compile=args.compile)
+    g, d = preset(name, compile=args.compile, d_compile=args.compile)
     deformation = DeformationConfig(enabled=not args.no_deformation, cpu_search=args.cpu_search)
     cfg = Stage1Config(backbone=g, discriminator=d, deformation=deformation,
                        regularizer=RegularizerConfig(), batch_size=args.batch)
@@ -103,12 +104,14 @@ def main(argv: list[str] | None = None) -> None:
     results: list[Timing] = []
     runs = max(args.runs, 20)
     for name, fn in phases.items():
+        print(f"timing phase {name} (the first calls compile when --compile is on)", file=sys.stderr, flush=True)
         results.append(time_fn(fn, name=f"phase {name} {tag}", batch=B, dtype=tag, device=device,
                                warmup=args.warmup, runs=runs, extra=extra))
 
     def step():
         system.train_step(batch, opt_g, opt_d)
 
+    print("timing full training steps", file=sys.stderr, flush=True)
     for _ in range(16):  # one full cycle of warm-up
         step()
     cuda = device.type == "cuda"

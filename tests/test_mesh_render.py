@@ -86,9 +86,13 @@ def test_cuda_renders_agree_with_pytorch3d_naive_and_binned():
     labels = _labels(4).cuda()
     verts = verts.cuda().expand(4, -1, -1)
     naive = render_vertex_coords(verts, faces, labels, 256, bin_size=0)
-    for other in (render_vertex_coords(verts, faces, labels, 256, bin_size=32), render_vertex_coords(verts, faces, labels, 256)):
+    # pytorch3d's two kernels share their arithmetic; the scan converter interpolates in its own
+    # (float32 rounding: 1e-4, as on CPU in the test below).
+    for other, atol in ((render_vertex_coords(verts, faces, labels, 256, bin_size=32), 1e-5),
+                        (render_vertex_coords(verts, faces, labels, 256), 1e-4)):
         assert (naive[:, 3] != other[:, 3]).float().mean() < 1e-3
-        assert torch.allclose(naive * other[:, 3:], other * naive[:, 3:], atol=1e-5)
+        err = float((naive * other[:, 3:] - other * naive[:, 3:]).abs().max())
+        assert err < atol, err
 
 
 def test_cpu_scan_converter_agrees_with_pytorch3d():

@@ -11,7 +11,8 @@ import torch
 
 from clipportrait.geometry.cameras import ray_bundle, sample_ffhq_like
 from clipportrait.nn import build_generator, preset
-from clipportrait.nn.compiled import wanted
+from clipportrait.nn.config import build_discriminator
+from clipportrait.nn.compiled import eager_region, wanted
 
 
 def _pair(compile_mode: str, device: str = "cpu", **overrides):
@@ -101,9 +102,57 @@ def test_compiled_generator_equals_eager_values_and_gradients():
 def test_compile_modes_choose_devices_and_reject_unknown_values():
     cpu = torch.zeros(1)
     assert not wanted("off", cpu) and not wanted("cuda", cpu) and wanted("always", cpu)
-    g_cfg, _ = preset("tiny")
+    with eager_region():
+        assert not wanted("always", cpu)
+    assert wanted("always", cpu)
+    g_cfg, d_cfg = preset("tiny")
     with pytest.raises(ValueError, match=r"backbone.compile='yes'.*'off', 'cuda', 'always'"):
         dataclasses.replace(g_cfg, compile="yes").validate()
+    with pytest.raises(ValueError, match=r"discriminator.compile='on'.*'off', 'cuda', 'always'"):
+        build_discriminator(dataclasses.replace(d_cfg, compile="on"), g_cfg)
+
+
+def test_compiled_discriminator_equals_eager_and_r1_runs_eagerly():
+    """discriminator.compile=always: logits and the gradients of D's parameters and of its inputs equal
+    the eager stem's (with the fade-in blur outside the graph); R1, a double backward, runs inside
+    eager_region and gives the eager penalty and its parameter gradients."""
+    from clipportrait.losses.gan import r1_penalty
+    from clipportrait.nn import compiled as compiled_module
+    from clipportrait.nn.discriminator import MeshConditionedDiscriminator
+
+    g_cfg, d_cfg = preset("tiny")
+    torch.manual_seed(0)
+    eager = build_discriminator(d_cfg, g_cfg)
+    comp = build_discriminator(dataclasses.replace(d_cfg, compile="always"), g_cfg)
+    comp.load_state_dict(eager.state_dict())
+    res, nr = g_cfg.img_resolution, g_cfg.neural_rendering_resolution
+    gen = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(4, 3, res, res, generator=gen), torch.randn(4, 3, nr, nr, generator=gen),
+              torch.rand(4, 4, res, res, generator=gen), torch.randn(4, 25, generator=gen)]
+
+    def run(D, r1: bool):
+        img, raw = (t.clone().requires_grad_(True) for t in inputs[:2])
+        logits = D(img, raw, inputs[2], inputs[3], blur_sigma=1.5)
+        if r1:
+            loss = r1_penalty(logits, [img, raw]).mean()
+            # Parameters after u (the output layer's bias) do not reach the input gradient: None.
+            return loss.detach(), torch.autograd.grad(loss, list(D.parameters()), allow_unused=True)
+        grads = torch.autograd.grad(logits.square().sum(), [img, raw, *D.parameters()])
+        return logits.detach(), grads
+
+    (ref, ref_grads), (got, got_grads) = run(eager, False), run(comp, False)
+    assert MeshConditionedDiscriminator.features in compiled_module._compiled
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    for a, b in zip(got_grads, ref_grads):
+        assert float((a - b).norm() / b.norm().clamp_min(1e-30)) < 1e-4
+    with eager_region():
+        (ref, ref_grads), (got, got_grads) = run(eager, True), run(comp, True)
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)  # the same eager code
+    assert sum(g is not None for g in ref_grads) > 10
+    for a, b in zip(got_grads, ref_grads):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_compile_and_fast_path_are_execution_settings_not_architecture():
@@ -114,6 +163,7 @@ def test_compile_and_fast_path_are_execution_settings_not_architecture():
     a = Stage1Config().as_dict()
     b = Stage1Config().as_dict()
     b["backbone"].update(compile="cuda", cuda_fast_path=False)
+    b["discriminator"]["compile"] = "always"
     assert architecture_differences(a, b) == []
     b["backbone"]["decoder_hidden"] = 32
     assert architecture_differences(a, b) == ["backbone.decoder_hidden: 64 != 32"]

@@ -10,6 +10,10 @@ every generator (G, its EMA copy, a Stage-2 generator) shares one compiled cache
 attached to the modules (state dicts, deep copies and pickles are unchanged). Shapes are static:
 a new batch size compiles again (about a minute at eg3d_512) instead of tracing a dynamic graph.
 
+The discriminator's stem compiles the same way (``discriminator.compile``), except inside
+``eager_region`` (R1 differentiates it twice). On an H100 at eg3d_512 its forward and backward on 64
+images went from 335 to 254 ms.
+
 Modes: ``off`` (eager everywhere), ``cuda`` (compile for CUDA tensors, eager on CPUs, where a
 compile costs more than a small job saves), ``always`` (also on CPUs: the tests use it to check
 that the compiled functions equal the eager ones).
@@ -17,6 +21,8 @@ that the compiled functions equal the eager ones).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Callable
 
 import torch
@@ -28,26 +34,43 @@ RECOMPILE_LIMIT = 32
 _compiled: dict[Callable, Callable] = {}
 
 
-def check_mode(mode: str) -> None:
+def check_mode(mode: str, key: str = "backbone.compile") -> None:
     if mode not in COMPILE_MODES:
-        raise ValueError(f"backbone.compile={mode!r}: expected one of {COMPILE_MODES}")
+        raise ValueError(f"{key}={mode!r}: expected one of {COMPILE_MODES}")
+
+
+_eager = threading.local()
 
 
 def wanted(mode: str, x: torch.Tensor) -> bool:
-    """Whether ``mode`` compiles work on ``x``'s device."""
+    """Whether ``mode`` compiles work on ``x``'s device (never inside ``eager_region``)."""
     check_mode(mode)
+    if getattr(_eager, "depth", 0):
+        return False
     return mode == "always" or (mode == "cuda" and x.is_cuda)
 
 
-def maybe_compiled(fn: Callable, mode: str, x: torch.Tensor) -> Callable:
-    """``fn`` compiled by torch.compile (one per process) when ``mode`` asks for ``x``'s device, else ``fn``."""
+@contextlib.contextmanager
+def eager_region():
+    """Run everything eagerly inside: for graphs that are differentiated twice (R1's gradient
+    penalty), which compiled autograd functions do not support."""
+    _eager.depth = getattr(_eager, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _eager.depth -= 1
+
+
+def maybe_compiled(fn: Callable, mode: str, x: torch.Tensor, options: dict | None = None) -> Callable:
+    """``fn`` compiled by torch.compile (one per process, with Inductor ``options``) when ``mode`` asks
+    for ``x``'s device, else ``fn``."""
     if not wanted(mode, x):
         return fn
     if fn not in _compiled:
         limit = getattr(torch._dynamo.config, "recompile_limit", None)
         if limit is not None and limit < RECOMPILE_LIMIT:
             torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
-        _compiled[fn] = torch.compile(fn, dynamic=False)
+        _compiled[fn] = torch.compile(fn, dynamic=False, options=options)
     return _compiled[fn]
 
 

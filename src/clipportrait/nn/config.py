@@ -54,7 +54,7 @@ class BackboneConfig:
     cuda_fast_path: bool = True
     # torch.compile of synthesis, rendering and super-resolution (nn/compiled.py): off | cuda | always.
     # An execution setting like cuda_fast_path: checkpoints load under any value.
-    compile: str = "off"
+    compile: str = "cuda"
 
     def validate(self) -> None:
         from clipportrait.nn.compiled import check_mode
@@ -94,6 +94,7 @@ class DiscriminatorConfig:
     bf16_res: int = 4
     conv_clamp: float | None = 256.0
     c_noise: float = 0.0  # EG3D's disc_c_noise: camera label noise in units of the batch std
+    compile: str = "cuda"  # torch.compile the stem after the blur: off | cuda | always (nn/compiled.py)
 
 
 PRESETS: dict[str, tuple[BackboneConfig, DiscriminatorConfig]] = {

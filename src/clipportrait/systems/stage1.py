@@ -41,6 +41,7 @@ from ..geometry.deformation import DeformationConfig
 from ..geometry.head import HeadGeometry
 from ..geometry.morphable.config import MorphableConfig, build_morphable
 from ..losses import RegularizerConfig, d_nonsaturating, density_regularization, g_nonsaturating, r1_penalty
+from ..nn.compiled import eager_region
 from ..nn.config import BackboneConfig, DiscriminatorConfig, build_discriminator, build_generator
 from ..nn.ema import ema_beta, update_ema
 from ..utils.schedules import Linear, kimg_to_steps
@@ -118,7 +119,8 @@ def _plain(value: Any) -> Any:
 
 # Fields of the architecture groups that choose how the same function is computed.
 EXECUTION_SETTINGS = {("deformation", "backend"), ("deformation", "cpu_search"), ("deformation", "pair_chunk"),
-                      ("deformation", "grid_capacity"), ("backbone", "cuda_fast_path"), ("backbone", "compile")}
+                      ("deformation", "grid_capacity"), ("backbone", "cuda_fast_path"), ("backbone", "compile"),
+                      ("discriminator", "compile")}
 
 
 def architecture_differences(a: dict[str, Any], b: dict[str, Any],
@@ -280,8 +282,9 @@ class Stage1GAN(L.LightningModule):
     def loss_d_reg(self, real: dict[str, Any]) -> torch.Tensor:
         image = real["image"].detach().requires_grad_(True)
         raw = real["raw"].detach().requires_grad_(True)
-        logits = self.discriminate(image, raw, real["rdr"], real["cond"], self.blur_sigma())
-        penalty = r1_penalty(logits, [image, raw])
+        with eager_region():  # differentiated twice: no compiled graphs
+            logits = self.discriminate(image, raw, real["rdr"], real["cond"], self.blur_sigma())
+            penalty = r1_penalty(logits, [image, raw])
         self._record("d/r1_penalty", penalty.mean())
         return penalty.mean() * (self.cfg.regularizer.r1_gamma / 2)
 
