@@ -232,6 +232,7 @@ BAD_INPUTS = {
     "task.seeds[0]=-1: expected an integer": ["task.seeds=[-1]"],
     "task.modality_gap='median': expected one of none, mean_offset": ["task.modality_gap=median"],
     "task.turntable_frames=1: expected >= 2": ["task.turntable_frames=1"],
+    "task.compile='yes': expected one of off, cuda, always": ["task.compile=yes"],
     "is not the LVLM the checkpoint was trained with": ["lvlm.random_seed=4"],
 }
 

@@ -53,6 +53,9 @@ class Schema(TaskConfig):
     fps: int = 12
     batch_size: int = 8
     device: str = "auto"  # auto: cuda when available
+    # backbone.compile for this run: off by default, since a few grids do not repay torch.compile's
+    # ~1.5 min per batch size at eg3d_512; cuda for long runs (many prompts, big sweeps).
+    compile: str = "off"
 
 
 def _check_alpha(value, key: str, allow: bool) -> float:
@@ -88,6 +91,10 @@ def validate(t: Schema) -> dict:
 
     if t.modality_gap not in MODES:
         raise UserError(f"task.modality_gap={t.modality_gap!r}: expected one of {', '.join(MODES)}")
+    from ..nn.compiled import COMPILE_MODES
+
+    if t.compile not in COMPILE_MODES:
+        raise UserError(f"task.compile={t.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
     for key, value, low in (("batch_size", t.batch_size, 1), ("fps", t.fps, 1), ("turntable_frames", t.turntable_frames, 2)):
         if value < low:
             raise UserError(f"task.{key}={value}: expected >= {low}")
@@ -144,8 +151,8 @@ def run(cfg, ctx: RunContext) -> dict:
     prompts = validate_prompts(gather_prompts(t.prompts, t.prompts_file), clip.tokenizer)
     # FLAME cannot travel inside checkpoints: its file is wherever this machine's config says.
     paths = {k: getattr(cfg.morphable, k) for k in ("flame_path", "flame_landmarks_path") if getattr(cfg.morphable, k)}
-    system = Stage2GAN.from_checkpoint(t.checkpoint, map_location=device,
-                                       overrides={"morphable": paths} if paths else None).eval()
+    overrides = {"backbone": {"compile": t.compile}, **({"morphable": paths} if paths else {})}
+    system = Stage2GAN.from_checkpoint(t.checkpoint, map_location=device, overrides=overrides).eval()
     model = system.geometry.morphable
     morph = resolve_morphable(model, seeds, t.expression, t.expression_vector, t.shape_vector, t.jaw,
                               dataset_path=str(cfg.data.path))
