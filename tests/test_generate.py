@@ -272,3 +272,64 @@ def test_depth_maps_and_video_frames_by_hand(tmp_path):
         read = [frame for frame in reader]
     assert len(read) == 5 and read[0].shape == (48, 32, 3)  # padded to the 16-pixel macro-blocks, not resized
     assert abs(float(read[3][:40, :24].mean()) - 60) < 3 and float(read[3][40:].max()) < 3
+
+
+def test_export_bundle_generates_what_the_checkpoint_generates(chain, tmp_path):
+    """task=export writes a bundle smaller than the checkpoint (EMA generator only); task=generate reads
+    it and renders the checkpoint's exact images, recording the bundle's hash and source; a Stage-1
+    bundle evaluates like its checkpoint (same EMA images)."""
+    from clipportrait.systems.bundle import open_for_inference
+    from clipportrait.tasks import export
+
+    result = export.run(compose(chain["root"], "task=export", f"task.checkpoint={chain['stage2']}"),
+                        RunContext(run_dir=tmp_path / "export"))
+    bundle = Path(result["bundle"])
+    assert bundle == Path(chain["stage2"]).with_suffix(".bundle") and result["kind"] == "Stage2GAN"
+    assert result["bundle_mb"] < 0.5 * result["checkpoint_mb"]
+    runs = {}
+    for name, source in (("ckpt", chain["stage2"]), ("bundle", bundle)):
+        runs[name] = tmp_path / name
+        generate.run(compose(chain["root"], *generate_args(chain, f"task.checkpoint={source}", "task.turntable=false")),
+                     RunContext(run_dir=runs[name]))
+    for image in ("grid.png", "depth.png"):
+        assert np.array_equal(png(runs["ckpt"] / image), png(runs["bundle"] / image)), image
+    record = json.loads((runs["bundle"] / "generate.json").read_text())["protocol"]["checkpoint"]
+    assert record["source"]["checkpoint"] == str(chain["stage2"]) and len(record["bundle_weights_sha256"]) == 64
+
+    out = tmp_path / "stage1.bundle"
+    export.run(compose(chain["root"], "task=export", f"task.checkpoint={chain['stage1']}", f"task.out={out}"),
+               RunContext(run_dir=tmp_path / "export1"))
+    (a, meta_a), (b, meta_b) = open_for_inference(chain["stage1"]), open_for_inference(out)
+    assert meta_a["kind"] == meta_b["kind"] == "Stage1GAN" and meta_a["step"] == meta_b["step"] > 0
+    z = torch.randn(2, a.cfg.backbone.z_dim, generator=torch.Generator().manual_seed(0))
+    params = a.geometry.morphable.sample_params(2, generator=torch.Generator().manual_seed(1))
+    cond = {"camera": view_labels(0.0, 0.0).expand(2, -1), "shape": params.shape, "expression": params.expression,
+            "pose": params.pose, "flip": torch.zeros(2, dtype=torch.bool)}
+    torch.testing.assert_close(b.generate_images(z, cond), a.generate_images(z, cond), atol=0, rtol=0)
+
+
+def test_bundles_refuse_corruption_mismatch_and_training(chain, tmp_path):
+    """A bundle whose weights changed, or whose config no longer fits its weights, is refused naming
+    the file; training and canonicalisation refuse a bundle and say what they need instead."""
+    from clipportrait.systems.bundle import export_bundle, load_bundle
+    from clipportrait.systems.stage1 import load_checkpoint
+
+    bundle = tmp_path / "b"
+    export_bundle(chain["stage2"], bundle)
+    with pytest.raises(UserError, match="is an inference bundle"):
+        load_checkpoint(bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    meta["config"]["backbone"]["decoder_hidden"] += 8
+    (bundle / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="do not fit its config"):
+        load_bundle(bundle)
+    export_bundle(chain["stage2"], bundle)
+    weights = bundle / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="weights.safetensors does not match the sha256"):
+        load_bundle(bundle)
+    (bundle / "bundle.json").write_text("{}")
+    with pytest.raises(UserError, match="is not a clipportrait-inference-bundle"):
+        load_bundle(bundle)

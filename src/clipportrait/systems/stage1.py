@@ -50,6 +50,7 @@ from .distributed import all_finite, all_reduce_gradients, mean_over_ranks, worl
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "clipportrait"
+BUNDLE_META = "bundle.json"  # marks an inference bundle directory (systems/bundle.py)
 
 
 @dataclass
@@ -474,16 +475,24 @@ class Stage1GAN(L.LightningModule):
         if kind != cls.__name__:
             raise UserError(f"checkpoint {path} holds a {kind}, not a {cls.__name__}: load it with {kind}.from_checkpoint "
                             f"(task=generate and task=evaluate pick the right one)")
-        data = checkpoint[CHECKPOINT_KEY]["config"]
-        for group, values in (overrides or {}).items():
-            data[group] = {**data.get(group, {}), **values}
-        system = cls(cls.config_class().from_dict(data))
+        system = cls.from_config_dict(checkpoint[CHECKPOINT_KEY]["config"], overrides)
         load_weights(system, checkpoint, str(path))
         return system.to(map_location)
+
+    @classmethod
+    def from_config_dict(cls, data: dict[str, Any], overrides: dict[str, dict] | None = None) -> "Stage1GAN":
+        """A freshly initialised system of a saved config (``overrides`` replace fields of its groups)."""
+        data = dict(data)
+        for group, values in (overrides or {}).items():
+            data[group] = {**data.get(group, {}), **values}
+        return cls(cls.config_class().from_dict(data))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
+    if (path / BUNDLE_META).is_file():
+        raise UserError(f"{path} is an inference bundle (the EMA generator only): generate and evaluate read it; "
+                        "training and canonicalisation need the training checkpoint (.ckpt) it was exported from")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:

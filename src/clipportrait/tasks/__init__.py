@@ -21,6 +21,7 @@ TASKS: dict[str, str] = {
     "train_lvlm": "clipportrait.tasks.train_lvlm",
     "train_stage2": "clipportrait.tasks.train_stage2",
     "generate": "clipportrait.tasks.generate",
+    "export": "clipportrait.tasks.export",
     "info": "clipportrait.tasks.info",
 }
 

@@ -1,4 +1,4 @@
-"""task=evaluate — FID/KID of a Stage-1 or Stage-2 checkpoint, by the same code path as training-time evaluation.
+"""task=evaluate — FID/KID of a Stage-1 or Stage-2 checkpoint (or its inference bundle), by the same code path as training-time evaluation.
 
     python run.py task=evaluate task.checkpoint=<run>/checkpoints/last.ckpt data.path=<dataset>
     python run.py task=evaluate task.checkpoint=... evaluation.fid_samples=50000   # EG3D fid50k_full
@@ -30,8 +30,7 @@ def run(cfg, ctx: RunContext) -> dict:
     from ..data.datamodule import PortraitDataset
     from ..errors import UserError
     from ..systems.callbacks import evaluate_system, real_statistics
-    from ..systems.stage1 import CHECKPOINT_KEY, Stage1GAN, load_checkpoint
-    from ..systems.stage2 import Stage2GAN
+    from ..systems.bundle import open_for_inference
 
     t = cfg.task
     try:
@@ -42,16 +41,10 @@ def run(cfg, ctx: RunContext) -> dict:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(t.device)
-    checkpoint = load_checkpoint(t.checkpoint, device)  # read once: the kind picks the class below
-    meta = checkpoint[CHECKPOINT_KEY]
-    kind = meta.get("kind", "Stage1GAN")
+    system, opened = open_for_inference(t.checkpoint, map_location=device)  # a checkpoint or a bundle
+    kind = opened["kind"]
     # The step and image count the checkpoint was saved at (loading weights leaves the system at 0).
-    step, kimg = int(meta.get("step", 0)), int(meta.get("images_seen", 0)) / 1000
-    system_class = {"Stage1GAN": Stage1GAN, "Stage2GAN": Stage2GAN}.get(kind)
-    if system_class is None:
-        raise UserError(f"checkpoint {t.checkpoint} holds a {kind}: task=evaluate reads Stage1GAN and Stage2GAN checkpoints")
-    system = system_class.from_checkpoint(t.checkpoint, map_location=device, checkpoint=checkpoint).eval()
-    del checkpoint  # optimiser states and the second copy of the weights
+    step, kimg = opened["step"], opened["images_seen"] / 1000
     resolution = system.cfg.backbone.img_resolution
     clip_cache = None
     if kind == "Stage2GAN":

@@ -30,7 +30,7 @@ DESCRIPTION = "text + camera + expression -> 3D portraits from a Stage-2 checkpo
 @dataclass
 class Schema(TaskConfig):
     name: str = "generate"
-    checkpoint: str = "???"  # a Stage-2 checkpoint of task=train_stage2
+    checkpoint: str = "???"  # a Stage-2 checkpoint of task=train_stage2, or its bundle (task=export)
     prompts: list[str] = field(default_factory=list)
     prompts_file: Optional[str] = None  # one prompt per line, '#' starts a comment line
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # one latent z per seed (columns of the grid)
@@ -134,7 +134,7 @@ def run(cfg, ctx: RunContext) -> dict:
     from ..generation.views import resolve_view, turntable_yaws, view_labels
     from ..generation.writers import depth_to_gray, tile, tile_gray, write_png, write_video
     from ..lvlm import build_clip
-    from ..systems.stage2 import Stage2GAN
+    from ..systems.bundle import open_for_inference
     from ..utils.console import console
     from ..utils.files import write_json_atomic
 
@@ -152,7 +152,7 @@ def run(cfg, ctx: RunContext) -> dict:
     # FLAME cannot travel inside checkpoints: its file is wherever this machine's config says.
     paths = {k: getattr(cfg.morphable, k) for k in ("flame_path", "flame_landmarks_path") if getattr(cfg.morphable, k)}
     overrides = {"backbone": {"compile": t.compile}, **({"morphable": paths} if paths else {})}
-    system = Stage2GAN.from_checkpoint(t.checkpoint, map_location=device, overrides=overrides).eval()
+    system, opened = open_for_inference(t.checkpoint, map_location=device, overrides=overrides, kinds=("Stage2GAN",))
     model = system.geometry.morphable
     morph = resolve_morphable(model, seeds, t.expression, t.expression_vector, t.shape_vector, t.jaw,
                               dataset_path=str(cfg.data.path))
@@ -208,7 +208,10 @@ def run(cfg, ctx: RunContext) -> dict:
 
     latency = engine.latency.per_item_ms()
     protocol = {
-        "checkpoint": {"path": str(t.checkpoint), "sha256": sha256_file(Path(t.checkpoint)), "stage1_sha256": system.cfg.stage1_sha256, "clip_cache": cache},
+        "checkpoint": {"path": str(t.checkpoint), "stage1_sha256": system.cfg.stage1_sha256, "clip_cache": cache,
+                       # a bundle: its weights' hash and the training checkpoint it came from
+                       **({"bundle_weights_sha256": opened["weights_sha256"], "source": opened["source"]}
+                          if "weights_sha256" in opened else {"sha256": sha256_file(Path(t.checkpoint))})},
         "lvlm": lvlm,
         "prompts": prompts, "seeds": seeds, "alpha": alpha, "alpha_sweep": sweep,
         "truncation_psi": settings["truncation_psi"],
