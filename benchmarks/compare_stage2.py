@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True)
     p.add_argument("--cache", default=None, help="the runs' canonicalisation cache: also measure embedding_collapse")
     p.add_argument("--rows", type=int, default=16, help="dataset rows (cached embeddings) of embedding_collapse")
-    # CPU by default: on CUDA the colour probes hit a device mismatch (a CPU tensor in a bmm), not yet fixed
+    # CPU by default (the numbers in benchmarks/results were taken there); the colour probes' distances
+    # follow the features' device (the CUDA device mismatch is fixed; the whole script not yet rerun there)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)

@@ -345,8 +345,10 @@ def _lda(labels: Sequence[str], x: torch.Tensor) -> tuple[list[str], torch.Tenso
 
 
 def _nearest(x: torch.Tensor, centroids: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    diff = x.double()[:, None, :] - centroids[None]
-    return torch.einsum("nki,ij,nkj->nk", diff, precision, diff).argmin(1)
+    """Index of the nearest centroid in the probe's Mahalanobis metric, for features on any device
+    (the probe's (K,3) statistics live on the CPU)."""
+    diff = x.double()[:, None, :] - centroids.to(x.device)[None]
+    return torch.einsum("nki,ij,nkj->nk", diff, precision.to(x.device), diff).argmin(1)
 
 
 def _check_head(dataset_path, index, morphable: MorphableModel) -> None:
