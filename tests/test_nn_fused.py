@@ -166,7 +166,7 @@ def test_cuda_fast_path_generator_equals_reference_values_and_gradients(sr_bf16)
     try:
         g_cfg, _ = preset("eg3d_512", triplane_resolution=64, neural_rendering_resolution=32, depth_samples=12,
                           importance_samples=12, img_resolution=128, sr_input_resolution=32, sr_channels=[64, 32],
-                          sr_bf16=sr_bf16)
+                          sr_bf16=sr_bf16, compile="off")  # the fast path itself (compile: test_nn_compiled)
         torch.manual_seed(0)
         fast = build_generator(g_cfg).cuda().train()
         g_cfg.cuda_fast_path = False

@@ -27,7 +27,8 @@ RES = 32
 
 def small_config(**changes) -> Stage1Config:
     g, d = preset("tiny", img_resolution=RES, sr_input_resolution=16, neural_rendering_resolution=16,
-                  depth_samples=6, importance_samples=6, triplane_resolution=32, channel_max=32)
+                  depth_samples=6, importance_samples=6, triplane_resolution=32, channel_max=32,
+                  compile="off", d_compile="off")  # eager on GPUs too (compile: test_nn_compiled)
     cfg = Stage1Config(backbone=g, discriminator=d, deformation=DeformationConfig(enabled=False),
                        regularizer=RegularizerConfig(r1_interval=2, density_interval=2, density_points=64,
                                                      blur_fade_kimg=0.02),
