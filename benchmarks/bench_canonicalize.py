@@ -36,7 +36,7 @@ from clipportrait.systems.stage1 import Stage1Config, Stage1GAN
 TARGET_IMAGES_PER_S = 2.0  # eg3d_512, 200 steps, one H100 (DESIGN.md section 8)
 
 
-def build_system(name: str, deformation: bool, device: torch.device, compile_mode: str = "off") -> Stage1GAN:
+def build_system(name: str, deformation: bool, device: torch.device, compile_mode: str) -> Stage1GAN:
     g, d = preset(name, compile=compile_mode)
     cfg = Stage1Config(backbone=g, discriminator=d, deformation=DeformationConfig(enabled=deformation))
     torch.manual_seed(0)

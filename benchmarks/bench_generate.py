@@ -54,8 +54,7 @@ def build_text_tower(arch: str, device: torch.device):
     return model.eval(), tokenizer
 
 
-def build_system(small: bool, embed_dim: int, deform: bool, device: torch.device,
-                 compile_mode: str = "off") -> Stage2GAN:
+def build_system(small: bool, embed_dim: int, deform: bool, device: torch.device, compile_mode: str) -> Stage2GAN:
     name = "tiny" if small else "eg3d_512"
     # --small only checks the script: a coarser render keeps it to a few minutes on a busy CPU.
     overrides = {"neural_rendering_resolution": 16, "depth_samples": 8, "importance_samples": 8} if small else {}

@@ -23,6 +23,7 @@ import torch
 from benchmarks.harness import Timing, common_args, report, set_cuda_math, time_variant
 from clipportrait.geometry.cameras import ray_bundle, sample_ffhq_like
 from clipportrait.nn import build_generator, preset
+from clipportrait.nn.compiled import wanted
 
 EG3D_H100 = {"b1_forward_ms": 23.5, "b32_forward_images_per_s": 200.7, "b8_fwd_bwd_ms": 129.4,
              "peak_gib": [0.49, 10.0, 13.1]}
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
 
             extra = {"preset": name, "params": G_params, "rays": "precomputed", "compile": g_cfg.compile,
                      "deformation_faces": n_faces if deform else 0}
-            run(f"G mapping+render {tag} eager", eager, b_lat, precision, extra)
+            run(f"G mapping+render {tag} {'compiled' if wanted(g_cfg.compile, z) else 'eager'}", eager, b_lat,
+                precision, extra)
             if args.cuda_graphs and device.type == "cuda":
                 try:
                     replay = cuda_graph_fn(eager, device)

@@ -139,7 +139,10 @@ def common_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--small", action="store_true", help="tiny sizes, to check the script itself on a CPU")
-    p.add_argument("--compile", default="cuda", choices=["off", "cuda", "always"],
+    from clipportrait.nn.compiled import COMPILE_MODES
+    from clipportrait.nn.config import BackboneConfig
+
+    p.add_argument("--compile", default=BackboneConfig.compile, choices=COMPILE_MODES,
                    help="backbone.compile (and discriminator.compile where a D runs): torch.compile the heavy "
-                        "pieces; default as in the configs (cuda); 'off' for eager")
+                        "pieces; default as in the configs; 'off' for eager")
     return p

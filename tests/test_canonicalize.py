@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_stage1 import small_config
 
-from clipportrait.canonical.cache import CacheWriter, load_canonical_embeddings, make_identity, read_manifest, sha256_file
+from clipportrait.canonical.cache import CacheWriter, load_canonical_embeddings, make_identity, read_manifest
 from clipportrait.canonical.config import InversionConfig
 from clipportrait.canonical.inversion import Inverter, learning_rate, mean_w, neutral_condition
 from clipportrait.canonical.pipeline import canonicalize_dataset
@@ -26,6 +26,7 @@ from clipportrait.lvlm import LVLMConfig, build_clip
 from clipportrait.metrics.evaluation import dataset_content_hash
 from clipportrait.metrics.lpips import build_lpips
 from clipportrait.systems.stage1 import CHECKPOINT_KEY, Stage1GAN
+from clipportrait.utils.files import sha256_file
 
 RES = 32
 NUM_IMAGES = 6

@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .sources import AssetError, sha256_file
+from ..utils.files import sha256_file
+from .sources import AssetError
 
 
 def cache_dir() -> Path:

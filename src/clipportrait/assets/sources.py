@@ -7,12 +7,13 @@ read from it. Nothing here is ever installed or imported.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..utils.files import sha256_file
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,6 @@ def sources_dir() -> Path:
     if env:
         return Path(env).expanduser()
     return Path(sys.prefix) / "share" / "clipportrait" / "asset-sources"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verified_source(name: str, directory: Path | None = None, allow_download: bool = True) -> Path:

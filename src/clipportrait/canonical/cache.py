@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import UserError
-from ..utils.files import atomic_open, write_json_atomic
+from ..utils.files import atomic_open, sha256_file, write_json_atomic
 from .config import ON_CORRUPT
 
 log = logging.getLogger(__name__)
@@ -53,14 +53,6 @@ def shard_name(index: int) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def make_identity(*, embed: str, stage1_sha256: str | None, lvlm_model_id: str, dataset_hash: str, num_items: int,

@@ -3,8 +3,8 @@ mesh rasterised under the sample's camera, coloured by vertex WORLD coordinates,
 
 Rasterisation is the project's scan-converting z-buffer (``geometry.raster``, tested against
 pytorch3d) on every device: on CPU pytorch3d's kernel tests every face against every pixel (~0.3 s per
-32^2 image of the 10k-face head), and on an H100 the scan converter renders 32 heads at 512^2 in
-14.7 ms against pytorch3d's binned 133 ms (identical coverage; the Stage-1 benchmark's rdr phase).
+32^2 image of the 10k-face head), and on an H100 the Stage-1 benchmark's rdr phase (32 heads at 512^2
+plus the raw image) takes 20 ms with the scan converter against 136 ms with pytorch3d's binned one.
 pytorch3d's ``MeshRasterizer`` stays available through ``bin_size`` (0: naive, > 0: binned) as the
 reference the tests compare with. Cameras are converted from EG3D labels (``to_pytorch3d_cameras``).
 Image row 0 is the top of the image and column 0 the left, as in OpenCV and ``project_points``.

@@ -22,7 +22,7 @@ from clipportrait.nn.config import BackboneConfig
 from clipportrait.nn.mapping import MappingNetwork
 from clipportrait.nn.renderer import render_rays
 from clipportrait.nn import triplane_triton
-from clipportrait.nn.compiled import eager_only, maybe_compiled
+from clipportrait.nn.compiled import eager_only, maybe_compiled, wanted
 from clipportrait.nn.superres import SuperResolution
 from clipportrait.nn.synthesis import SynthesisNetwork
 from clipportrait.nn.triplane import TriplaneDecoder, sample_triplane
@@ -66,7 +66,7 @@ class TriplaneGenerator(nn.Module):
         and points that require a gradient."""
         fused = self.cfg.cuda_fast_path and triplane_triton.available(planes)
         planes_cl = triplane_triton.channels_last_planes(planes) if fused else None
-        if deformer is not None and self.cfg.compile != "off":
+        if deformer is not None and wanted(self.cfg.compile, planes):  # the render is compiled
             deformer = eager_only(deformer)
 
         def query(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

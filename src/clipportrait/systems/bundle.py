@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..utils.files import write_json_atomic
+from ..utils.files import sha256_file, write_json_atomic
 from .stage1 import BUNDLE_META, CHECKPOINT_KEY, Stage1GAN, load_checkpoint
 
 BUNDLE_FORMAT = "clipportrait-inference-bundle"
@@ -40,12 +40,6 @@ def system_classes() -> dict[str, type[Stage1GAN]]:
 
 def is_bundle(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / META_FILE).is_file()
-
-
-def _sha256(path: Path) -> str:
-    from ..canonical.cache import sha256_file
-
-    return sha256_file(path)
 
 
 def export_bundle(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -78,8 +72,8 @@ def export_bundle(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike
         "config": meta["config"],
         "step": int(meta.get("step", 0)),
         "images_seen": int(meta.get("images_seen", 0)),
-        "source": {"checkpoint": str(checkpoint_path), "sha256": _sha256(checkpoint_path)},
-        "weights_sha256": _sha256(out / WEIGHTS_FILE),
+        "source": {"checkpoint": str(checkpoint_path), "sha256": sha256_file(checkpoint_path)},
+        "weights_sha256": sha256_file(out / WEIGHTS_FILE),
         "tensors": len(tensors),
     }
     write_json_atomic(out / META_FILE, info)
@@ -102,17 +96,21 @@ def read_bundle_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                overrides: dict[str, dict] | None = None) -> tuple[Stage1GAN, dict[str, Any]]:
-    """(system, metadata) of a bundle; the weights file must have the sha256 recorded with it."""
+                overrides: dict[str, dict] | None = None,
+                kinds: tuple[str, ...] = ("Stage1GAN", "Stage2GAN")) -> tuple[Stage1GAN, dict[str, Any]]:
+    """(system, metadata) of a bundle holding one of ``kinds``; the weights file must have the sha256
+    recorded with it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     info = read_bundle_meta(path)
+    if info["kind"] not in kinds:
+        raise UserError(f"bundle {path} holds a {info['kind']}: expected {' or '.join(kinds)}")
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"bundle {path}: {WEIGHTS_FILE} is missing")
-    if _sha256(weights) != info.get("weights_sha256"):
+    if sha256_file(weights) != info.get("weights_sha256"):
         raise UserError(f"bundle {path}: {WEIGHTS_FILE} does not match the sha256 in {META_FILE} "
                         "(a corrupt or replaced file): export the bundle again")
     cls = system_classes()[info["kind"]]
@@ -139,10 +137,7 @@ def open_for_inference(path: str | os.PathLike, map_location: str | torch.device
                        kinds: tuple[str, ...] = ("Stage1GAN", "Stage2GAN")) -> tuple[Stage1GAN, dict[str, Any]]:
     """(system in eval mode, metadata with kind/step/images_seen) of a bundle or a training checkpoint."""
     if is_bundle(path):
-        info = read_bundle_meta(path)
-        if info["kind"] not in kinds:
-            raise UserError(f"bundle {path} holds a {info['kind']}: expected {' or '.join(kinds)}")
-        system, info = load_bundle(path, map_location, overrides)
+        system, info = load_bundle(path, map_location, overrides, kinds)
         return system.eval(), info
     checkpoint = load_checkpoint(path, map_location)
     meta = checkpoint[CHECKPOINT_KEY]

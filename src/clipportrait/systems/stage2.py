@@ -207,7 +207,7 @@ class Stage2GAN(Stage1GAN):
         ``overrides`` replaces non-architecture fields of the checkpoint's config (regularizer, optim,
         batch_size, max_steps, seed); ``expect``, when given, must agree with the checkpoint on the
         architecture (a clear error lists the differences)."""
-        from ..canonical.cache import sha256_file
+        from ..utils.files import sha256_file
 
         checkpoint = load_checkpoint(path)
         meta = checkpoint[CHECKPOINT_KEY]

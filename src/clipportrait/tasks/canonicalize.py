@@ -57,7 +57,8 @@ def run(cfg, ctx: RunContext) -> dict:
     import numpy as np
     from PIL import Image
 
-    from ..canonical.cache import CacheWriter, make_identity, sha256_file
+    from ..canonical.cache import CacheWriter, make_identity
+    from ..utils.files import sha256_file
     from ..canonical.config import EMBED_MODES, ON_CORRUPT
     from ..canonical.inversion import Inverter
     from ..canonical.pipeline import canonicalize_dataset

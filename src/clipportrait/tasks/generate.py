@@ -126,7 +126,7 @@ def run(cfg, ctx: RunContext) -> dict:
 
     import torch
 
-    from ..canonical.cache import sha256_file
+    from ..utils.files import sha256_file
     from ..generation.modality_gap import ModalityGap
     from ..generation.morphable import resolve_morphable
     from ..generation.pipeline import TextToPortrait

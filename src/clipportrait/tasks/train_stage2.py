@@ -65,7 +65,8 @@ def check_cache_provenance(cache: str, stage1: str) -> None:
     into that generator); a raw cache (the Fig. 4 ablation) has no such link."""
     from pathlib import Path
 
-    from ..canonical.cache import read_manifest, sha256_file
+    from ..canonical.cache import read_manifest
+    from ..utils.files import sha256_file
     from ..errors import UserError
 
     if not Path(cache).is_dir():
