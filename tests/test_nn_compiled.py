@@ -112,23 +112,36 @@ def test_compile_modes_choose_devices_and_reject_unknown_values():
         build_discriminator(dataclasses.replace(d_cfg, compile="on"), g_cfg)
 
 
-def test_compiled_discriminator_equals_eager_and_r1_runs_eagerly():
-    """discriminator.compile=always: logits and the gradients of D's parameters and of its inputs equal
-    the eager stem's (with the fade-in blur outside the graph); R1, a double backward, runs inside
-    eager_region and gives the eager penalty and its parameter gradients."""
-    from clipportrait.losses.gan import r1_penalty
-    from clipportrait.nn import compiled as compiled_module
-    from clipportrait.nn.discriminator import MeshConditionedDiscriminator
-
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_compiled_discriminator_equals_eager_and_r1_runs_eagerly(device):
+    """discriminator.compile (always on the CPU, cuda on a GPU): logits and the gradients of D's
+    parameters and of its inputs equal the eager stem's (with the fade-in blur outside the graph; on
+    CUDA the compiled graph filters with box means, eager with depthwise convs); R1, a double
+    backward, runs inside eager_region and gives the eager penalty and its parameter gradients."""
     g_cfg, d_cfg = preset("tiny")
     torch.manual_seed(0)
-    eager = build_discriminator(d_cfg, g_cfg)
-    comp = build_discriminator(dataclasses.replace(d_cfg, compile="always"), g_cfg)
+    eager = build_discriminator(d_cfg, g_cfg).to(device)
+    mode = "always" if device == "cpu" else "cuda"
+    comp = build_discriminator(dataclasses.replace(d_cfg, compile=mode), g_cfg).to(device)
     comp.load_state_dict(eager.state_dict())
     res, nr = g_cfg.img_resolution, g_cfg.neural_rendering_resolution
     gen = torch.Generator().manual_seed(2)
     inputs = [torch.randn(4, 3, res, res, generator=gen), torch.randn(4, 3, nr, nr, generator=gen),
               torch.rand(4, 4, res, res, generator=gen), torch.randn(4, 25, generator=gen)]
+    inputs = [t.to(device) for t in inputs]
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        _check_compiled_discriminator(eager, comp, inputs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def _check_compiled_discriminator(eager, comp, inputs):
+    from clipportrait.losses.gan import r1_penalty
+    from clipportrait.nn import compiled as compiled_module
+    from clipportrait.nn.discriminator import MeshConditionedDiscriminator
 
     def run(D, r1: bool):
         img, raw = (t.clone().requires_grad_(True) for t in inputs[:2])

@@ -17,6 +17,7 @@ from clipportrait.nn.layers import (
     modulated_conv2d,
     modulated_conv_core,
     modulated_upconv_folded,
+    polyphase_conv_transpose2d,
     synthesis_layer_tail,
     torgb_tail,
     upsample2d,
@@ -38,6 +39,23 @@ def test_fir_folded_upconv_equals_transposed_conv_then_fir(taps, kernel):
     want = modulated_conv2d(x, weight, styles, demodulate=False, up=2, resample_filter=f)
     got = modulated_upconv_folded(x, weight, styles, f, up=2)
     assert got.shape == want.shape == (2, 3, 10, 10)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", [1, 2, 3, 5, 6])
+@pytest.mark.parametrize("up", [2, 3])
+@pytest.mark.parametrize("crop", [(0, 0), (1, 1), (2, 2), (3, 1), (0, 2)])
+def test_polyphase_transposed_conv_equals_conv_transpose2d(kernel, up, crop):
+    """One conv with up^2 phase kernels + pixel shuffle equals the stride-``up`` transposed conv,
+    cropped by (first, last) on each side, for kernels shorter/longer than the stride, odd and even."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    w = torch.randn(4, 3, kernel, kernel, dtype=torch.float64)
+    full = torch.nn.functional.conv_transpose2d(x, w.transpose(0, 1), stride=up)
+    h, wd = full.shape[-2:]
+    want = full[..., crop[0] : h - crop[1], crop[0] : wd - crop[1]]
+    got = polyphase_conv_transpose2d(x, w, up, crop)
+    assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 

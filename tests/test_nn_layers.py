@@ -15,6 +15,9 @@ from clipportrait.nn.layers import (
     FullyConnected,
     MinibatchStd,
     bias_act,
+    binomial_order,
+    box_fir2d,
+    box_upsample2d,
     downsample2d,
     fir_filter,
     modulated_conv2d,
@@ -75,6 +78,50 @@ def test_fir_without_upsampling_has_exact_first_and_second_derivatives(taps, dow
         upfirdn2d(torch.zeros(1, 1, 5, 3), torch.ones(4) / 4)
 
 
+@pytest.mark.parametrize("taps", [(1.0, 1.0), (1.0, 2.0, 1.0), (1.0, 3.0, 3.0, 1.0), (1.0, 4.0, 6.0, 4.0, 1.0)])
+@pytest.mark.parametrize("down", [1, 2])
+@pytest.mark.parametrize("pad", [(0, 0, 0, 0), (1, 1, 1, 1), (2, 2, 2, 2), (5, 5, 4, 4), (2, 1, 3, 0), (-1, 2, 1, -1)])
+def test_binomial_fir_as_box_means_matches_scipy(taps, down, pad):
+    """box_fir2d (n successive 2x2 means, the last strided; the discriminator's low-pass for binomial
+    taps) equals the scipy upfirdn reference of the binomial filter of order n, for symmetric,
+    larger-than-n, asymmetric and cropping pads; it is linear with exact first and second derivatives."""
+    order = binomial_order(taps)
+    assert order == len(taps) - 1
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 11, 12))
+    h = np.array(taps) / sum(taps)
+    got = box_fir2d(torch.tensor(x), order, pad, down)
+    want = _ref_upfirdn2d(x, h, 1, down, pad, 1.0)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-12)
+    xt = torch.tensor(x[:1, :2, :7, :8], requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: box_fir2d(t, order, pad, down), (xt,))
+
+
+@pytest.mark.parametrize("taps", [(1.0, 1.0), (1.0, 2.0, 1.0), (1.0, 3.0, 3.0, 1.0), (1.0, 4.0, 6.0, 4.0, 1.0)])
+def test_binomial_upsample_as_nearest_then_box_means_matches_scipy(taps):
+    """box_upsample2d (nearest 2x, then n - 1 2x2 means; the skip image's upsampling inside compiled
+    graphs) equals upsample2d's zero-insertion + FIR reference from scipy, same 2x size, borders included."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 7, 6))
+    h = np.array(taps) / sum(taps)
+    k = len(taps)
+    want = _ref_upfirdn2d(x, h, 2, 1, ((k + 1) // 2, (k - 2) // 2) * 2, 4.0)
+    got = box_upsample2d(torch.tensor(x), binomial_order(taps))
+    assert got.shape == want.shape == (2, 3, 14, 12)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-12)
+
+
+def test_binomial_order_recognises_only_binomial_rows():
+    """[1,3,3,1] and its multiples are order 3; a non-binomial, single-tap or zero-led row is not."""
+    assert binomial_order((1.0, 3.0, 3.0, 1.0)) == 3 and binomial_order((0.125, 0.375, 0.375, 0.125)) == 3
+    assert binomial_order((2.0, 2.0)) == 1
+    for taps in [(1.0, 3.0, 3.0, 2.0), (1.0,), (0.0, 1.0), (1.0, 2.0, 5.0, 2.0, 1.0)]:
+        assert binomial_order(taps) is None
+    assert Conv2dLayer(2, 2, 3, down=2).box_order == 3
+    assert Conv2dLayer(2, 2, 3, down=2, resample_taps=(1.0, 2.0, 5.0, 2.0, 1.0)).box_order is None
+
+
 def test_upsample_and_downsample_match_scipy_and_keep_dc():
     """upsample2d / downsample2d with [1,3,3,1] give the scipy reference, exact 2x sizes, and map a
     constant image to the same constant away from the borders (unit DC gain)."""
@@ -127,16 +174,18 @@ def test_modulated_conv_rejects_mismatched_styles():
         modulated_conv2d(torch.randn(2, 4, 5, 5), torch.randn(3, 4, 3, 3), torch.randn(2, 3))
 
 
-def test_downsampling_conv_equals_conv_then_fir_downsample_in_interior():
+@pytest.mark.parametrize("taps", [(1.0, 3.0, 3.0, 1.0), (1.0, 2.0, 5.0, 2.0)])
+def test_downsampling_conv_equals_conv_then_fir_downsample_in_interior(taps):
     """Conv2dLayer(down=2) (FIR low-pass then strided conv) equals a stride-1 conv followed by FIR
-    downsampling wherever neither touches the zero border; the output is exactly half size."""
+    downsampling wherever neither touches the zero border; the output is exactly half size. Binomial
+    taps take the box-mean path, others the depthwise convolution."""
     torch.manual_seed(0)
-    layer = Conv2dLayer(3, 4, 3, bias=False, down=2).double()
+    layer = Conv2dLayer(3, 4, 3, bias=False, down=2, resample_taps=taps).double()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     got = layer(x)
     assert got.shape == (2, 4, 8, 8)
     w = layer.weight.double() * layer.weight_gain
-    ref = downsample2d(F.conv2d(x, w, padding=1), fir_filter().double())
+    ref = downsample2d(F.conv2d(x, w, padding=1), fir_filter(taps).double())
     torch.testing.assert_close(got[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], atol=1e-10, rtol=1e-10)
 
 

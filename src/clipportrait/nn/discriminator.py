@@ -104,9 +104,10 @@ class MeshConditionedDiscriminator(nn.Module):
         img, raw = gaussian_blur(img.float(), blur_sigma), gaussian_blur(raw.float(), blur_sigma)
         parts = [img, raw] + ([rdr.float()] if cfg.rdr_channels > 0 else [])
         x = torch.cat(parts, dim=1)
-        # The blur's sigma changes every step, so it stays outside the compiled graph. Inductor keeps
-        # NCHW here: its channels_last choice sends the FIR filters to a 3x slower cuDNN kernel.
-        body = maybe_compiled(MeshConditionedDiscriminator.features, cfg.compile, x, {"layout_optimization": False})
+        # The blur's sigma changes every step, so it stays outside the compiled graph. In the graph the
+        # binomial low-passes are box means (Conv2dLayer.low_pass), so Inductor's channels_last layout
+        # helps the convs without sending the filters to cuDNN's slow depthwise kernels.
+        body = maybe_compiled(MeshConditionedDiscriminator.features, cfg.compile, x)
         return body(self, x)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -127,6 +127,62 @@ class _DepthwiseFirAdjoint(torch.autograd.Function):
         return _DepthwiseFir.apply(grad, ctx.kernel, ctx.stride), None, None, None
 
 
+def binomial_order(taps: tuple[float, ...]) -> int | None:
+    """n when ``taps`` are proportional to the binomial row C(n, 0..n) with n >= 1 ([1, 3, 3, 1] -> 3), else None."""
+    n = len(taps) - 1
+    if n < 1 or taps[0] == 0:
+        return None
+    row = [math.comb(n, k) for k in range(n + 1)]
+    scale = taps[0] / row[0]
+    return n if all(math.isclose(t, r * scale, rel_tol=1e-6, abs_tol=0.0) for t, r in zip(taps, row)) else None
+
+
+def box_filters_fuse(x: torch.Tensor) -> bool:
+    """Whether binomial FIR filters on ``x`` should run as box means (``box_fir2d``, ``box_upsample2d``):
+    inside a graph that Inductor compiles for CUDA, where they fuse with the work around them (D
+    fwd+bwd on 64 images at eg3d_512, H100: 254 -> 111 ms). Eagerly, the native avg_pool2d_backward
+    kernel is slower than cuDNN's depthwise conv (555 vs 325 ms), and Inductor's CPU code generation
+    takes minutes for the pooling backward (tiny D: 45 s -> 415 s), so both keep the convolutions."""
+    return x.is_cuda and torch.compiler.is_compiling()
+
+
+def box_fir2d(x: torch.Tensor, order: int, padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+              down: int = 1) -> torch.Tensor:
+    """``upfirdn2d(x, binomial row of order n, down=down, padding=padding)`` as n 2x2 means.
+
+    The binomial filter is [1/2, 1/2] convolved with itself n times, so its separable 2-D kernel is n
+    successive 2x2 box averages, the last one taking the decimating stride. ``avg_pool2d`` and its
+    backward are fused memory-bound kernels whose derivatives of any order are each other (R1's double
+    backward), where cuDNN's depthwise convolution was ~55% of the discriminator's time on an H100.
+    Zero padding of up to one pixel a side rides on each pass (zeros average to zeros, so spreading it
+    over the passes pads the input); anything more, or asymmetric, is padded first.
+    """
+    if order < 1 or down not in (1, 2):
+        raise ValueError(f"box_fir2d: order={order}, down={down}: expected order >= 1 and down 1 or 2")
+    left, right, top, bottom = padding
+    # Symmetric padding, at most one pixel a side per pass, goes to the passes; the rest is padded here.
+    ph, pw = max(min(top, bottom), 0), max(min(left, right), 0)
+    ph, pw = min(ph, order), min(pw, order)
+    x = F.pad(x, [left - pw, right - pw, top - ph, bottom - ph]) if (left, right, top, bottom) != (pw, pw, ph, ph) else x
+    for i in range(order):
+        ih, iw = int(i < ph), int(i < pw)
+        stride = down if i == order - 1 else 1
+        x = F.avg_pool2d(x, 2, stride=stride, padding=(ih, iw), count_include_pad=True)
+    return x
+
+
+def box_upsample2d(x: torch.Tensor, order: int) -> torch.Tensor:
+    """``upsample2d(x, binomial row of order n)`` (2x, DC gain 1) as a nearest-neighbour 2x upsample
+    followed by n - 1 2x2 means: zero insertion then [1, 1] is the nearest upsample, and the other
+    n - 1 factors of the binomial are box means. Inductor fuses it into one kernel, where the
+    (B*C, 1, H, W) 1-D FIR convs took 37 ms each on cuDNN for the tri-plane image at batch 32."""
+    if order < 1:
+        raise ValueError(f"box_upsample2d: order={order}: expected >= 1")
+    pad0, pad1 = (order + 2) // 2, (order - 1) // 2  # upsample2d's padding for order + 1 taps
+    x = F.interpolate(x, scale_factor=2, mode="nearest")
+    return box_fir2d(x, order - 1, (pad0 - 1, pad1, pad0 - 1, pad1)) if order > 1 else x
+
+
 def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
     """FIR upsampling by ``up``: output is exactly ``up`` times larger, DC gain 1."""
     k = f.numel()
@@ -219,20 +275,26 @@ class Conv2dLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
         self.register_buffer("resample_filter", fir_filter(resample_taps), persistent=False)
+        order = binomial_order(tuple(float(t) for t in resample_taps))
+        self.box_order = order if order is not None and down in (1, 2) else None
+
+    def low_pass(self, x: torch.Tensor, padding: tuple[int, int, int, int], down: int) -> torch.Tensor:
+        if self.box_order is not None and box_filters_fuse(x):
+            return box_fir2d(x, self.box_order, padding, down)
+        return upfirdn2d(x, self.resample_filter, down=down, padding=padding)
 
     def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
         w = self.weight * self.weight_gain
-        f = self.resample_filter
-        k = f.numel()
+        k = self.resample_filter.numel()
         if self.down > 1:
             # Low-pass with the FIR filter, then a strided conv (StyleGAN2's downsampling conv).
             pad0 = self.padding + (k - self.down + 1) // 2
             pad1 = self.padding + (k - self.down) // 2
             if w.shape[-1] == 1:  # a 1x1 conv commutes with the decimation: filter only the kept pixels
-                x = upfirdn2d(x, f, down=self.down, padding=(pad0, pad1, pad0, pad1))
+                x = self.low_pass(x, (pad0, pad1, pad0, pad1), self.down)
                 x = F.conv2d(x, w.to(x.dtype))
             else:
-                x = upfirdn2d(x, f, padding=(pad0, pad1, pad0, pad1))
+                x = self.low_pass(x, (pad0, pad1, pad0, pad1), 1)
                 x = F.conv2d(x, w.to(x.dtype), stride=self.down)
         else:
             x = F.conv2d(x, w.to(x.dtype), padding=self.padding)
@@ -331,22 +393,42 @@ def fir_folded_transposed_weight(weight: torch.Tensor, f: torch.Tensor, up: int)
     return full.reshape(out_ch, in_ch, k + t - 1, k + t - 1)
 
 
+def polyphase_conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, up: int, crop: tuple[int, int]) -> torch.Tensor:
+    """``conv_transpose2d(x, weight.transpose(0, 1), stride=up)`` with ``crop`` = (first, last) outputs
+    dropped on each side, as one ordinary convolution and a pixel shuffle.
+
+    Output phase (a, b) of a stride-``up`` transposed conv is a plain correlation of x with the
+    sub-kernel weight[..., a::up, b::up] flipped, so the up^2 phases are the output channels of one
+    conv with (O * up^2, I, M, M) weights (M = ceil(k / up)) and ``pixel_shuffle`` interleaves them.
+    The FLOPs are the same, but the weight gradient is an ordinary conv's: cuDNN's for the transposed
+    6x6 stride-2 kernel of the 512^2 super-resolution layer took 178 ms at batch 32 on an H100.
+    """
+    out_ch, in_ch, k, _ = weight.shape
+    m = -(-k // up)
+    if m * up != k:  # zero taps at the far end: same full output, longer by m*up - k
+        weight = F.pad(weight, [0, m * up - k, 0, m * up - k])
+    first, last = crop[0], crop[1] + m * up - k
+    phases = weight.reshape(out_ch, in_ch, m, up, m, up).flip(2, 4).permute(0, 3, 5, 1, 2, 4)
+    phases = phases.reshape(out_ch * up * up, in_ch, m, m).to(x.dtype)
+    if first == last and first % up == 0 and first // up <= m - 1:
+        # The cropped rows are whole phase rows: pad the conv less instead of computing them.
+        return F.pixel_shuffle(F.conv2d(x, phases, padding=m - 1 - first // up), up)
+    y = F.pixel_shuffle(F.conv2d(x, phases, padding=m - 1), up)
+    return F.pad(y, [-first, -last, -first, -last])  # negative pads crop (positive ones pad zeros)
+
+
 def modulated_upconv_folded(
     x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, resample_filter: torch.Tensor, up: int = 2
 ) -> torch.Tensor:
     """``modulated_conv2d(..., demodulate=False, up=up)`` as one transposed conv with the FIR folded
-    into its kernel; the output is exactly ``up`` times the input size."""
+    into its kernel, computed in polyphase form; the output is exactly ``up`` times the input size."""
     k, t = weight.shape[-1], resample_filter.numel()
     pad0, pad1 = transposed_conv_fir_padding(k, t, up)
     start = t - 1 - pad0  # first output of the full (uncropped) convolution that is kept
     end = k + t - 1 - up - start  # outputs dropped at the far end
     folded = fir_folded_transposed_weight(weight, resample_filter, up)
     x = x * styles.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
-    if start == end and start >= 0:
-        return F.conv_transpose2d(x, folded.transpose(0, 1).to(x.dtype), stride=up, padding=start)
-    y = F.conv_transpose2d(x, folded.transpose(0, 1).to(x.dtype), stride=up)
-    y = F.pad(y, [-start, -end, -start, -end])  # negative pads crop (positive ones pad zeros)
-    return y
+    return polyphase_conv_transpose2d(x, folded, up, (start, end))
 
 
 def synthesis_layer_tail(
@@ -382,12 +464,16 @@ def torgb_tail(
     clamp: float | None,
     img: torch.Tensor | None,
     resample_filter: torch.Tensor,
+    box_order: int | None = None,
 ) -> torch.Tensor:
     """Skip architecture: bias (+ clamp) of the toRGB output, in float32, added to the 2x
-    FIR-upsampled running image (``img`` None for the first block)."""
+    FIR-upsampled running image (``img`` None for the first block). ``box_order``: the filter's
+    ``binomial_order``, which lets a compiled graph upsample with ``box_upsample2d``."""
     y = bias_act(y, bias, "linear", clamp=clamp).float()
     if img is None:
         return y
+    if box_order is not None and box_filters_fuse(img):
+        return box_upsample2d(img.float(), box_order) + y  # fused by Inductor (see box_upsample2d)
     return upsample2d(img.float(), resample_filter) + y
 
 

@@ -21,6 +21,7 @@ from clipportrait.nn.layers import (
     DEFAULT_FIR,
     FullyConnected,
     bias_act,
+    binomial_order,
     demodulation_coefficients,
     fir_filter,
     modulated_conv2d,
@@ -140,6 +141,7 @@ class SynthesisBlock(nn.Module):
         self.num_conv = 1 if in_channels == 0 else 2
         self.num_torgb = 1
         self.register_buffer("resample_filter", fir_filter(resample_taps), persistent=False)
+        self.box_order = binomial_order(tuple(float(t) for t in resample_taps))
 
     def forward(
         self, x: torch.Tensor | None, img: torch.Tensor | None, ws: torch.Tensor, noise_mode: str = "random"
@@ -160,7 +162,7 @@ class SynthesisBlock(nn.Module):
                 x = self.conv1(x, ws[:, 1], noise_mode)
             y = self.torgb(x, ws[:, self.num_conv])
         # Outside autocast: the running image stays float32.
-        img = torgb_tail(y, self.torgb.bias, self.torgb.conv_clamp, img, self.resample_filter)
+        img = torgb_tail(y, self.torgb.bias, self.torgb.conv_clamp, img, self.resample_filter, self.box_order)
         return x, img
 
 
