@@ -8,7 +8,9 @@ demodulation. Everything is shape-static so ``torch.compile`` traces it without 
 On CUDA a fast path (``use_fast_path``) computes the same functions with fewer passes over memory:
 channels_last activations (cuDNN's native layout), the FIR low-pass after a transposed conv folded
 into the conv's kernel (cuDNN's depthwise convs transpose bf16 tensors twice, see
-``fir_folded_transposed_weight``), and the conv tail in place with the activation gain folded in.
+``fir_folded_transposed_weight``) and computed in polyphase form (``polyphase_conv_transpose2d``),
+and the conv tail in place with the activation gain folded in. Inside graphs compiled for CUDA the
+binomial FIR filters become box means that Inductor fuses (``box_filters_fuse``).
 """
 
 from __future__ import annotations
