@@ -7,8 +7,11 @@ deformation bound to the morphable mesh, volume rendering, super-resolution), as
 
 Random weights throughout (speed does not depend on them): the generator, T_G, and open_clip's ViT-B/32
 built without pretrained weights (offline). Rows: the full path, and its two parts (text encoding alone;
-generation from a given embedding) so a miss can be placed. TF32 and bf16 autocast (the mapping MLP
-and volume compositing stay float32 by design; synthesis/SR bf16 follow the backbone's flags).
+generation from a given embedding) so a miss can be placed; on CUDA also the full path as task=generate
+runs it by default, through ``generation.TextToPortrait`` with its text tower and generator replayed
+from CUDA graphs (``cuda-graph`` rows; seeds drawn and inputs copied and checked on every call, as
+there). TF32 and bf16 autocast (the mapping MLP and volume compositing stay float32 by design;
+synthesis/SR bf16 follow the backbone's flags).
 
 Targets (DESIGN.md sec. 8, H100): <= 5 ms at batch 1, >= 800 portraits/s at batch 32; the paper reports
 0.10 s per portrait; EG3D's generator alone takes 23.5 ms (batch 1) / 200.7 images/s (batch 32).
@@ -16,6 +19,7 @@ Targets (DESIGN.md sec. 8, H100): <= 5 ms at batch 1, >= 800 portraits/s at batc
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -24,6 +28,8 @@ from benchmarks.bench_generator import precision_context
 from benchmarks.harness import Timing, common_args, report, set_cuda_math, time_variant
 from clipportrait.geometry.deformation import DeformationConfig
 from clipportrait.geometry.cameras import sample_ffhq_like
+from clipportrait.generation.pipeline import TextToPortrait
+from clipportrait.lvlm.clip import ClipEncoder
 from clipportrait.nn.alignment import AlignmentConfig
 from clipportrait.nn.config import preset
 from clipportrait.systems.stage2 import Stage2Config, Stage2GAN
@@ -39,8 +45,7 @@ def prompts(count: int) -> list[str]:
 
 
 def build_text_tower(arch: str, device: torch.device):
-    """open_clip model of ``arch`` with random weights (no download) and its tokenizer; the image tower is
-    dropped (only encode_text runs)."""
+    """open_clip model of ``arch`` with random weights (no download) and its tokenizer."""
     import open_clip
 
     from clipportrait.lvlm.clip import quiet_open_clip
@@ -50,7 +55,6 @@ def build_text_tower(arch: str, device: torch.device):
     with quiet_open_clip():
         model = open_clip.create_model(arch, pretrained=None, device=device)
         tokenizer = open_clip.get_tokenizer(arch)
-    model.visual = None
     return model.eval(), tokenizer
 
 
@@ -79,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-deform", action="store_true", help="rigid generator (no surface-field deformation)")
     parser.add_argument("--psi", type=float, default=0.7, help="truncation psi")
     parser.add_argument("--precisions", default="tf32,bf16", help="comma-separated: tf32, bf16")
+    parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph rows")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -88,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         embed_dim = int(clip.encode_text(tokenizer(["a"]).to(device)).shape[1])
     system = build_system(args.small, embed_dim, not args.no_deform, device, args.compile)
+    encoder = ClipEncoder(clip, tokenizer, arch, f"{arch}@random")
     G = system.G_ema
     batches = (1, 2) if args.small else (1, 32)
     name = "tiny" if args.small else "eg3d_512"
@@ -128,6 +134,21 @@ def main(argv: list[str] | None = None) -> None:
             run(f"  text encoding {precision}", encode, batch, precision, {**extra, "part": "text"})
             run(f"  generation from r {precision}", lambda: portrait(fixed_r), batch, precision,
                 {**extra, "part": "generation"})
+            if device.type == "cuda" and not args.no_graphs:
+                engine = TextToPortrait(system, encoder, None, args.psi, cuda_graphs=True)
+                cpu_cond = {k: v.cpu() for k, v in cond.items() if k != "alpha"}
+                seeds = list(range(batch))
+
+                def graphed(texts=texts, engine=engine, cpu_cond=cpu_cond, seeds=seeds, precision=precision):
+                    with torch.inference_mode(), precision_context(precision, device):
+                        return engine.render(seeds, cpu_cond, engine.encode(texts), 1.0)["image"]
+
+                graphed()  # captures (after eager warm-up calls, which compile what --compile compiles)
+                if engine.graph_failure or not engine.graphs_used():
+                    print(f"no cuda-graph row for batch {batch} {precision}: {engine.graph_failure}", file=sys.stderr)
+                    continue
+                run(f"text->portrait {precision} cuda-graph", graphed, batch, precision,
+                    {**extra, "part": "full", "cuda_graphs": True, "path": "TextToPortrait"})
 
     out = args.out or Path(__file__).parent / "results" / f"bench_generate-{device.type}.json"
     report(results, title=f"text -> portrait ({name}, {arch} text tower, deformation "

@@ -24,6 +24,7 @@ from benchmarks.harness import Timing, common_args, report, set_cuda_math, time_
 from clipportrait.geometry.cameras import ray_bundle, sample_ffhq_like
 from clipportrait.nn import build_generator, preset
 from clipportrait.nn.compiled import wanted
+from clipportrait.utils.cuda_graphs import GraphCaptureError, GraphedFunction
 
 EG3D_H100 = {"b1_forward_ms": 23.5, "b32_forward_images_per_s": 200.7, "b8_fwd_bwd_ms": 129.4,
              "peak_gib": [0.49, 10.0, 13.1]}
@@ -56,20 +57,6 @@ def precision_context(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
-
-
-def cuda_graph_fn(fn, device: torch.device):
-    """Capture ``fn`` (static inputs closed over) into a CUDA graph; returns a replay callable."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     G.eval()
 
     if args.latency_only or args.cuda_graphs:
-        # Rays of a fixed camera are computed once (as an interactive viewer would cache them):
-        # the label checks in ray_bundle synchronise with the host, which CUDA graphs forbid.
+        # Rays of a fixed camera are computed once, as an interactive viewer would cache them (the
+        # whole text -> portrait path, rays included, is graphed in bench_generate).
         z = torch.randn(b_lat, g_cfg.z_dim, device=device)
         c = sample_ffhq_like(b_lat, generator=torch.Generator().manual_seed(1)).to(device)
         origins, dirs = ray_bundle(c, g_cfg.neural_rendering_resolution)
@@ -157,9 +144,15 @@ def main(argv: list[str] | None = None) -> None:
             run(f"G mapping+render {tag} {'compiled' if wanted(g_cfg.compile, z) else 'eager'}", eager, b_lat,
                 precision, extra)
             if args.cuda_graphs and device.type == "cuda":
+                graphed = GraphedFunction(lambda z, origins, dirs, step=core: {"image": step(z, origins, dirs)})
+
+                def replay(precision=precision, graphed=graphed):
+                    with torch.inference_mode(), precision_context(precision, device):
+                        return graphed(z, origins, dirs)["image"]
+
                 try:
-                    replay = cuda_graph_fn(eager, device)
-                except Exception as exc:
+                    replay()  # captures
+                except GraphCaptureError as exc:
                     traceback.print_exc()
                     print(f"CUDA graph capture failed ({type(exc).__name__}: {exc})", file=sys.stderr)
                 else:

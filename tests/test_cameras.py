@@ -32,6 +32,16 @@ def test_label_round_trip_and_rotation_is_orthonormal():
     assert torch.equal(cam2world[:, 3], torch.tensor([0.0, 0.0, 0.0, 1.0]).expand(2, 4))
 
 
+def test_inverse_3x3_matches_linalg_in_float64():
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(64, 3, 3, dtype=torch.float64, generator=gen)
+    m[0] = torch.tensor([[4.26, 0.0, 0.5], [0.0, 4.26, 0.5], [0.0, 0.0, 1.0]])  # FFHQ-like intrinsics
+    inverse, det = C.inverse_3x3(m)
+    assert torch.allclose(inverse, torch.linalg.inv(m), rtol=1e-9, atol=1e-9)
+    assert torch.allclose(det, torch.linalg.det(m), rtol=1e-9, atol=1e-12)
+    assert C.inverse_3x3(torch.zeros(1, 3, 3))[1].eq(0).all()
+
+
 def test_split_labels_rejects_bad_input():
     """Wrong shapes and non-finite entries raise ValueError naming the argument."""
     with pytest.raises(ValueError, match="labels"):
@@ -44,6 +54,10 @@ def test_split_labels_rejects_bad_input():
         C.split_labels(bad)
     with pytest.raises(ValueError, match="cam2world"):
         C.make_labels(torch.zeros(2, 3, 4), torch.zeros(2, 3, 3))
+    singular = C.neutral_labels(3)
+    singular[2, 16:] = 0.0  # K = 0: no ray through any pixel
+    with pytest.raises(ValueError, match=r"singular intrinsics in rows \[2\]"):
+        C.ray_bundle(singular, 4)
 
 
 def test_frontal_camera_axes_and_position():

@@ -116,6 +116,50 @@ def test_alpha_zero_is_the_unconditional_stage1_portrait(chain, generated, syste
     assert (at_one - stage1).abs().max() > 1e-4
 
 
+def test_the_cuda_graph_switch_changes_nothing_on_a_cpu(chain, system):
+    """task.cuda_graphs applies to CUDA only: on a CPU the engine computes exactly what it does without."""
+    from clipportrait.lvlm import build_clip
+
+    clip = build_clip(compose(chain["root"], *generate_args(chain)).lvlm)
+    plain, switched = (TextToPortrait(system, clip, truncation_psi=0.7, cuda_graphs=g) for g in (False, True))
+    cond = {"camera": view_labels(20.0, 0.0).expand(2, -1), **resolve_morphable(system.geometry.morphable, SEEDS).rows([0, 1])}
+    a = plain.render(SEEDS, cond, plain.encode(PROMPTS), 0.5)["image"]
+    b = switched.render(SEEDS, cond, switched.encode(PROMPTS), 0.5)["image"]
+    assert torch.equal(a, b) and not switched.graphs_used()
+    with pytest.raises(UserError, match="alpha > 0 needs a text embedding"):
+        plain.render(SEEDS, cond, None, 0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replays_equal_the_eager_engine(chain, system):
+    """With cuda_graphs, text encoding and generation are replayed from graphs captured at the first
+    call of a batch size; later calls with other prompts, seeds, cameras, expressions and alpha give
+    what the eager engine gives, and a non-finite input is refused before a replay."""
+    import copy
+
+    from clipportrait.lvlm import build_clip
+
+    gpu = copy.deepcopy(system).cuda()
+    clip = build_clip(compose(chain["root"], *generate_args(chain)).lvlm)
+    clip.model.cuda()
+    eager, graphed = (TextToPortrait(gpu, clip, truncation_psi=0.7, cuda_graphs=g) for g in (False, True))
+    morph = resolve_morphable(gpu.geometry.morphable, SEEDS, expression="smile")
+    cases = [(PROMPTS, SEEDS, 0.0, [0, 1], 1.0), (PROMPTS[::-1], [7, 11], 30.0, [1, 0], 0.4)]
+    for prompts, seeds, yaw, rows, alpha in cases:
+        text_e, text_g = eager.encode(prompts), graphed.encode(prompts)
+        assert torch.allclose(text_g, text_e, atol=1e-6)
+        cond = {"camera": view_labels(yaw, 5.0).expand(2, -1), **morph.rows(rows)}
+        a, b = eager.render(seeds, cond, text_e, alpha), graphed.render(seeds, cond, text_g, alpha)
+        for key in ("image", "image_depth", "image_alpha"):
+            assert torch.allclose(a[key], b[key], atol=1e-5), key
+    assert graphed.graphs_used() and graphed.graph_failure is None
+    assert len(graphed._graphs["portrait"]) == 1 and len(graphed._graphs["text"]) == 1
+    bad = {**cond, "camera": cond["camera"].clone()}
+    bad["camera"][1, 3] = float("nan")
+    with pytest.raises(UserError, match="camera"):
+        graphed.render(seeds, bad, text_g, 1.0)
+
+
 def test_camera_presets_round_trip_through_the_labels():
     for name, (yaw, pitch) in CAMERA_PRESETS.items():
         view = resolve_view(name)

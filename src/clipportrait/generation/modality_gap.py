@@ -13,7 +13,7 @@ and feeds T_G  normalise(r_t + offset)  instead of r_t.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +93,10 @@ class ModalityGap:
                             f"{clip.model_id} embeds text in {text_mean.shape[0]} dimensions: use the LVLM the cache "
                             "was made with")
         return cls(image_mean - text_mean, images, len(captions), str(cache), str(dataset_path))
+
+    def to(self, device: torch.device | str) -> "ModalityGap":
+        """The same correction with its offset on ``device`` (so ``apply`` copies nothing there)."""
+        return replace(self, offset=self.offset.to(device))
 
     def apply(self, text_embeddings: torch.Tensor) -> torch.Tensor:
         """normalise(r_t + offset) for (B,D) text embeddings."""

@@ -5,10 +5,16 @@ trained on (paper sec. 2): w_r(alpha) = w + alpha T_G(w, r_t) (eq. 11), then Sta
 with the mesh of the requested morphable parameters and the requested camera. Latencies are
 measured per call (host clock around the work, with a CUDA synchronise on both sides on GPU) and
 reported per prompt (text encoding) and per image (generation).
+
+With ``cuda_graphs`` (on CUDA) the text tower and the generator each run as a CUDA graph captured
+once per batch size (``utils.cuda_graphs``): the same kernels, launched by one call instead of
+several hundred, which is what bounds a small batch. Every replay's inputs are checked for
+non-finite values first (the checks inside the graphs cannot run there).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,7 +23,11 @@ from typing import Iterator, Sequence
 import torch
 
 from ..errors import UserError
+from ..utils.cuda_graphs import GraphCaptureError, GraphedFunction, check_finite
 from .modality_gap import ModalityGap
+
+log = logging.getLogger(__name__)
+COND_KEYS = ("camera", "shape", "expression", "pose", "flip")
 
 
 @dataclass
@@ -51,7 +61,8 @@ def latent(seed: int, z_dim: int) -> torch.Tensor:
 class TextToPortrait:
     """A Stage-2 system (its EMA generator) driven by a CLIP text encoder; see the module docstring."""
 
-    def __init__(self, system, clip, gap: ModalityGap | None = None, truncation_psi: float = 1.0) -> None:
+    def __init__(self, system, clip, gap: ModalityGap | None = None, truncation_psi: float = 1.0,
+                 cuda_graphs: bool = False) -> None:
         width = int(system.cfg.alignment.embed_dim)
         if clip.embed_dim != width:
             raise UserError(f"lvlm {clip.model_id} embeds text in {clip.embed_dim} dimensions, but the checkpoint's "
@@ -59,9 +70,44 @@ class TextToPortrait:
                             "canonicalisation cache was made with (lvlm=...)")
         self.system = system
         self.clip = clip
-        self.gap = gap
+        self.gap = gap.to(clip.device) if gap is not None else None
         self.truncation_psi = float(truncation_psi)
         self.latency = LatencyMeter()
+        self.cuda_graphs = bool(cuda_graphs)
+        self.graph_failure: str | None = None  # why capturing failed (the engine then runs eagerly)
+        self._graphs = {"text": GraphedFunction(self._embed_tokens), "portrait": GraphedFunction(self._portrait)}
+
+    def graphs_used(self) -> bool:
+        """Whether any call so far was replayed from a CUDA graph."""
+        return any(len(g) for g in self._graphs.values())
+
+    def _run(self, name: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``_embed_tokens`` / ``_portrait`` of ``inputs``: replayed from a CUDA graph when enabled and on
+        CUDA, else called; a capture that fails is logged once and the engine goes on eagerly."""
+        graphed = self._graphs[name]
+        args = tuple(inputs.values())
+        if not (self.cuda_graphs and self.graph_failure is None and all(x.is_cuda for x in args)):
+            return graphed.fn(*args)
+        check_finite(inputs)
+        try:
+            return graphed(*args)
+        except GraphCaptureError as exc:
+            self.graph_failure = str(exc)
+            log.warning("CUDA graphs off for this run: %s", exc)
+            return graphed.fn(*args)
+
+    def _embed_tokens(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        embeddings = self.clip.encode_tokens(tokens)
+        return {"embedding": self.gap.apply(embeddings) if self.gap is not None else embeddings}
+
+    def _portrait(self, z: torch.Tensor, camera: torch.Tensor, shape: torch.Tensor, expression: torch.Tensor,
+                  pose: torch.Tensor, flip: torch.Tensor, alpha: torch.Tensor,
+                  embedding: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        cond = {"camera": camera, "shape": shape, "expression": expression, "pose": pose, "flip": flip}
+        if embedding is not None:  # (without one, alpha is 0: checked by ``render``)
+            cond.update(clip_embedding=embedding, alpha=alpha)
+        return self.system.generate(z, cond, G=self.system.G_ema, noise_mode="const",
+                                    truncation_psi=self.truncation_psi)
 
     @property
     def device(self) -> torch.device:
@@ -70,23 +116,28 @@ class TextToPortrait:
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """(P,D) embeddings fed to T_G: E_T(prompt), corrected by the modality gap when one is set."""
+        prompts = list(prompts)
         with self.latency.measure("text_encoding", len(prompts), self.clip.device):
-            embeddings = self.clip.encode_text(list(prompts))
-            if self.gap is not None:
-                embeddings = self.gap.apply(embeddings)
-        return embeddings.to(self.device)
+            chunks = [self._run("text", {"tokens": self.clip.tokenize(prompts[i:i + self.clip.batch_size]).to(
+                self.clip.device)})["embedding"] for i in range(0, len(prompts), self.clip.batch_size)]
+        return torch.cat(chunks).to(self.device)
 
     @torch.no_grad()
     def render(self, seeds: Sequence[int], cond: dict[str, torch.Tensor], embedding: torch.Tensor | None,
                alpha: float | torch.Tensor) -> dict[str, torch.Tensor]:
         """Portraits for ``seeds`` (B) under ``cond`` (camera + morphable parameters, B rows) and text
         ``embedding`` ((B,D), or None with alpha 0: the unconditional Stage-1 portrait)."""
-        z = torch.stack([latent(s, self.system.cfg.backbone.z_dim) for s in seeds]).to(self.device)
-        cond = {k: v.to(self.device) for k, v in cond.items()}
+        device = self.device
+        missing = [k for k in COND_KEYS if k not in cond]
+        if missing:
+            raise KeyError(f"conditioning: missing {missing} (have {sorted(cond)})")
+        inputs = {"z": torch.stack([latent(s, self.system.cfg.backbone.z_dim) for s in seeds]).to(device)}
+        inputs.update({k: cond[k].to(device) for k in COND_KEYS})
+        if embedding is None and bool(torch.as_tensor(alpha).ne(0).any()):
+            raise UserError("alpha > 0 needs a text embedding (the unconditional portrait is alpha 0)")
+        # alpha as a (B,) tensor: a graph replays any value; 0 without an embedding (Stage 1's portrait)
+        inputs["alpha"] = torch.as_tensor(alpha, dtype=torch.float32, device=device).expand(len(seeds)).contiguous()
         if embedding is not None:
-            cond["clip_embedding"] = embedding.to(self.device)
-        cond["alpha"] = alpha
-        with self.latency.measure("generation", len(seeds), self.device):
-            out = self.system.generate(z, cond, G=self.system.G_ema, noise_mode="const",
-                                       truncation_psi=self.truncation_psi)
-        return out
+            inputs["embedding"] = embedding.to(device)
+        with self.latency.measure("generation", len(seeds), device):
+            return self._run("portrait", inputs)

@@ -23,6 +23,8 @@ from typing import Sequence
 
 import torch
 
+from ..utils.cuda_graphs import host_checks
+
 FFHQ_FOCAL = 4.2647
 DEFAULT_RADIUS = 2.7
 DEFAULT_PIVOT = (0.0, 0.0, 0.2)
@@ -116,7 +118,7 @@ def split_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.shape[1] != LABEL_DIM:
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels: expected a tensor of shape (B,{LABEL_DIM}) (EG3D camera labels), got {shape}")
-    if not torch.isfinite(labels).all():
+    if host_checks() and not torch.isfinite(labels).all():  # replays of a CUDA graph check before
         bad = (~torch.isfinite(labels)).any(dim=1).nonzero().flatten().tolist()
         raise ValueError(f"labels: non-finite values in rows {bad}")
     return labels[:, :16].reshape(-1, 4, 4), labels[:, 16:].reshape(-1, 3, 3)
@@ -156,6 +158,17 @@ def sample_ffhq_like(
     return make_labels(cam2world, intrinsics(focal=focal, batch=batch, device=cam2world.device))
 
 
+def inverse_3x3(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverses (B,3,3) and determinants (B,) of matrices (B,3,3) by the adjugate: the columns of
+    det * m^-1 are r1 x r2, r2 x r0, r0 x r1 for rows r_i. Elementwise work only, unlike
+    torch.linalg (its batched solvers synchronise with the host or call MAGMA, which CUDA graphs
+    cannot hold). Singular rows give non-finite entries; callers check ``det``."""
+    r0, r1, r2 = m.unbind(dim=-2)
+    adjugate = torch.stack([torch.linalg.cross(r1, r2), torch.linalg.cross(r2, r0), torch.linalg.cross(r0, r1)], dim=-1)
+    det = (r0 * adjugate[..., :, 0]).sum(-1)
+    return adjugate / det[..., None, None], det
+
+
 def ray_bundle(labels: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rays through the pixel centres: origins and unit directions, both (B, R*R, 3).
 
@@ -168,7 +181,10 @@ def ray_bundle(labels: torch.Tensor, resolution: int) -> tuple[torch.Tensor, tor
     centres = (torch.arange(resolution, device=labels.device, dtype=labels.dtype) + 0.5) / resolution
     rows, cols = torch.meshgrid(centres, centres, indexing="ij")
     pix = torch.stack((cols.flatten(), rows.flatten(), torch.ones_like(cols.flatten())), dim=-1)  # (R*R,3)
-    cam_dirs = torch.linalg.solve(K, pix.T.expand(labels.shape[0], 3, -1))  # (B,3,R*R), z = 1
+    K_inv, det = inverse_3x3(K)
+    if host_checks() and bool(det.eq(0).any()):  # replays of a CUDA graph check before
+        raise ValueError(f"labels: singular intrinsics in rows {det.eq(0).nonzero().flatten().tolist()}")
+    cam_dirs = K_inv @ pix.T  # (B,3,R*R), z = 1
     directions = torch.nn.functional.normalize((cam2world[:, :3, :3] @ cam_dirs).transpose(1, 2), dim=-1)
     origins = cam2world[:, None, :3, 3].expand_as(directions)
     return origins, directions

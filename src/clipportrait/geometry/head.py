@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .deformation import DeformationConfig, SurfaceFieldDeformation
 from .mesh_render import render_vertex_coords
+from ..utils.cuda_graphs import capturing
 from .morphable import MorphableModel
 
 Deformer = Callable[[torch.Tensor], torch.Tensor]
@@ -36,7 +37,7 @@ def observation_vertices(cond: dict[str, torch.Tensor], morphable: MorphableMode
     with torch.autocast(device_type=cond["shape"].device.type, enabled=False):
         verts = morphable(cond["shape"], cond["expression"], cond["pose"])
     flip = cond["flip"].to(device=verts.device, dtype=torch.bool)
-    if not flip.any():
+    if not capturing() and not flip.any():  # (a captured graph keeps both branches' work)
         return verts
     return torch.where(flip[:, None, None], morphable.mirror(verts), verts)
 

@@ -165,9 +165,18 @@ class ClipEncoder:
             raise TypeError("encode_text expects a list of strings, got one string")
         out = []
         for start in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(list(texts[start:start + self.batch_size])).to(self.device)
-            out.append(self.model.encode_text(tokens, normalize=True).float())
+            out.append(self.encode_tokens(self.tokenize(texts[start:start + self.batch_size]).to(self.device)))
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+
+    def tokenize(self, texts: Sequence[str]):
+        """(B, context) token ids of ``texts`` on the CPU (the model's own tokenizer)."""
+        return self.tokenizer(list(texts))
+
+    @torch.no_grad()
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,D) float32 L2-normalised embeddings of token ids on the model's device (no host work, so it
+        can be captured in a CUDA graph)."""
+        return self.model.encode_text(tokens, normalize=True).float()
 
 
 # --- resolving weights ---------------------------------------------------------------------------

@@ -56,6 +56,9 @@ class Schema(TaskConfig):
     # backbone.compile for this run: off by default, since a few grids do not repay torch.compile's
     # ~1.5 min per batch size at eg3d_512; cuda for long runs (many prompts, big sweeps).
     compile: str = "off"
+    # On CUDA, replay the text tower and the generator from CUDA graphs captured once per batch size
+    # (utils/cuda_graphs.py): small batches are bound by kernel launches. No effect on CPUs.
+    cuda_graphs: bool = True
 
 
 def _check_alpha(value, key: str, allow: bool) -> float:
@@ -164,7 +167,7 @@ def run(cfg, ctx: RunContext) -> dict:
             raise UserError("task.modality_gap=mean_offset needs the canonicalisation cache: the checkpoint "
                             "records none, set task.clip_cache")
         gap = ModalityGap.estimate(clip, cache, cfg.data.path)
-    engine = TextToPortrait(system, clip, gap, settings["truncation_psi"])
+    engine = TextToPortrait(system, clip, gap, settings["truncation_psi"], cuda_graphs=t.cuda_graphs)
     text = engine.encode(prompts)  # (P,D)
 
     resolution = system.cfg.backbone.img_resolution
@@ -225,6 +228,7 @@ def run(cfg, ctx: RunContext) -> dict:
               "latency_ms": {"text_encoding_per_prompt": latency.get("text_encoding"),
                              "generation_per_image": latency.get("generation"),
                              "images_generated": engine.latency.items.get("generation", 0),
+                             "cuda_graphs": engine.graphs_used(), "cuda_graph_failure": engine.graph_failure,
                              "note": "wall time with CUDA synchronisation on GPU; batch " + str(t.batch_size)}}
     write_json_atomic(ctx.run_dir / "generate.json", record)
     ctx.metrics.write({"event": "generate", **record})

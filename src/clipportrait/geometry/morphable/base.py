@@ -17,6 +17,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from ...utils.cuda_graphs import host_checks
+
 REGION_SKIN, REGION_SCALP, REGION_BROWS, REGION_EYES, REGION_LIPS = 0, 1, 2, 3, 4
 REGION_MOUTH_INTERIOR, REGION_NOSE, REGION_EARS, REGION_NECK = 5, 6, 7, 8
 #: Names of the integer labels in ``vertex_regions`` (index = label).
@@ -118,7 +120,7 @@ def _check_param(value: torch.Tensor, name: str, size: int, batch: int | None) -
     if value.dim() != 2 or value.shape[1] != size or (batch is not None and value.shape[0] != batch):
         expected = f"({batch if batch is not None else 'B'},{size})"
         raise ValueError(f"{name}: expected shape {expected}, got {tuple(value.shape)}")
-    if not torch.isfinite(value).all():
+    if host_checks() and not torch.isfinite(value).all():  # replays of a CUDA graph check before
         raise ValueError(f"{name}: contains non-finite values")
 
 
@@ -216,8 +218,9 @@ class MorphableModel(torch.nn.Module):
 
     def mirror(self, vertices: torch.Tensor) -> torch.Tensor:
         """Meshes mirrored by x -> -x, in this model's topology (vertex i <- mirror of mirror_map[i])."""
-        flip = torch.tensor([-1.0, 1.0, 1.0], dtype=vertices.dtype, device=vertices.device)
-        return vertices[:, self.mirror_map] * flip
+        mirrored = vertices[:, self.mirror_map]
+        # (no host-made constant: this runs inside CUDA graphs, which cannot copy from pageable memory)
+        return torch.cat([-mirrored[..., :1], mirrored[..., 1:]], dim=-1)
 
     def sample_params(
         self,
