@@ -162,10 +162,16 @@ def _check_compiled_discriminator(eager, comp, inputs):
         (ref, ref_grads), (got, got_grads) = run(eager, True), run(comp, True)
     torch.testing.assert_close(got, ref, atol=0, rtol=0)  # the same eager code
     assert sum(g is not None for g in ref_grads) > 10
+    spread = []
     for a, b in zip(got_grads, ref_grads):
         assert (a is None) == (b is None)
-        if b is not None:
+        if b is not None and b.is_cuda:
+            spread.append(float((a - b).norm() / b.norm().clamp_min(1e-30)))
+        elif b is not None:
             torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # On CUDA the same eager code is not bitwise repeatable: cuDNN's weight gradients sum with atomics
+    # in no fixed order (an H100 run: 1.9e-6 of the norm for a bias whose entries are ~1e-7).
+    assert not spread or max(spread) < 1e-5, sorted(spread)[-3:]
 
 
 def test_compile_and_fast_path_are_execution_settings_not_architecture():
