@@ -126,7 +126,7 @@ def test_the_cuda_graph_switch_changes_nothing_on_a_cpu(chain, system):
     a = plain.render(SEEDS, cond, plain.encode(PROMPTS), 0.5)["image"]
     b = switched.render(SEEDS, cond, switched.encode(PROMPTS), 0.5)["image"]
     assert torch.equal(a, b) and not switched.graphs_used()
-    with pytest.raises(UserError, match="alpha > 0 needs a text embedding"):
+    with pytest.raises(UserError, match="alpha > 0 needs a CLIP embedding"):
         plain.render(SEEDS, cond, None, 0.5)
 
 

@@ -28,6 +28,7 @@ from .modality_gap import ModalityGap
 
 log = logging.getLogger(__name__)
 COND_KEYS = ("camera", "shape", "expression", "pose", "flip")
+OUTPUT_KEYS = ("image", "image_raw", "image_depth", "image_alpha")  # what render returns (and a replay copies)
 
 
 @dataclass
@@ -106,8 +107,9 @@ class TextToPortrait:
         cond = {"camera": camera, "shape": shape, "expression": expression, "pose": pose, "flip": flip}
         if embedding is not None:  # (without one, alpha is 0: checked by ``render``)
             cond.update(clip_embedding=embedding, alpha=alpha)
-        return self.system.generate(z, cond, G=self.system.G_ema, noise_mode="const",
-                                    truncation_psi=self.truncation_psi)
+        out = self.system.generate(z, cond, G=self.system.G_ema, noise_mode="const",
+                                   truncation_psi=self.truncation_psi)
+        return {k: out[k] for k in OUTPUT_KEYS}
 
     @property
     def device(self) -> torch.device:
@@ -126,15 +128,15 @@ class TextToPortrait:
     def render(self, seeds: Sequence[int], cond: dict[str, torch.Tensor], embedding: torch.Tensor | None,
                alpha: float | torch.Tensor) -> dict[str, torch.Tensor]:
         """Portraits for ``seeds`` (B) under ``cond`` (camera + morphable parameters, B rows) and text
-        ``embedding`` ((B,D), or None with alpha 0: the unconditional Stage-1 portrait)."""
+        ``embedding`` ((B,D), or None with alpha 0: the unconditional Stage-1 portrait): ``OUTPUT_KEYS``."""
         device = self.device
         missing = [k for k in COND_KEYS if k not in cond]
         if missing:
             raise KeyError(f"conditioning: missing {missing} (have {sorted(cond)})")
         inputs = {"z": torch.stack([latent(s, self.system.cfg.backbone.z_dim) for s in seeds]).to(device)}
         inputs.update({k: cond[k].to(device) for k in COND_KEYS})
-        if embedding is None and bool(torch.as_tensor(alpha).ne(0).any()):
-            raise UserError("alpha > 0 needs a text embedding (the unconditional portrait is alpha 0)")
+        if embedding is None:  # Stage 2's own check, here on the host (a graph cannot hold it)
+            self.system.alpha_of({"alpha": alpha}, len(seeds), device)
         # alpha as a (B,) tensor: a graph replays any value; 0 without an embedding (Stage 1's portrait)
         inputs["alpha"] = torch.as_tensor(alpha, dtype=torch.float32, device=device).expand(len(seeds)).contiguous()
         if embedding is not None:

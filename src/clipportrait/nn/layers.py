@@ -129,8 +129,9 @@ class _DepthwiseFirAdjoint(torch.autograd.Function):
         return _DepthwiseFir.apply(grad, ctx.kernel, ctx.stride), None, None, None
 
 
-def binomial_order(taps: tuple[float, ...]) -> int | None:
+def binomial_order(taps) -> int | None:
     """n when ``taps`` are proportional to the binomial row C(n, 0..n) with n >= 1 ([1, 3, 3, 1] -> 3), else None."""
+    taps = [float(t) for t in taps]
     n = len(taps) - 1
     if n < 1 or taps[0] == 0:
         return None
@@ -277,7 +278,7 @@ class Conv2dLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
         self.register_buffer("resample_filter", fir_filter(resample_taps), persistent=False)
-        order = binomial_order(tuple(float(t) for t in resample_taps))
+        order = binomial_order(resample_taps)
         self.box_order = order if order is not None and down in (1, 2) else None
 
     def low_pass(self, x: torch.Tensor, padding: tuple[int, int, int, int], down: int) -> torch.Tensor:

@@ -141,7 +141,7 @@ class SynthesisBlock(nn.Module):
         self.num_conv = 1 if in_channels == 0 else 2
         self.num_torgb = 1
         self.register_buffer("resample_filter", fir_filter(resample_taps), persistent=False)
-        self.box_order = binomial_order(tuple(float(t) for t in resample_taps))
+        self.box_order = binomial_order(resample_taps)
 
     def forward(
         self, x: torch.Tensor | None, img: torch.Tensor | None, ws: torch.Tensor, noise_mode: str = "random"
