@@ -334,6 +334,21 @@ for cell in range(64):
         overflowed += 1
         assert set(want) <= set(got) and len(got) > capacity, cell
 assert fitting > 0 and overflowed > 0
+# Seeds: each finest cell's candidate nearest to its centre (-1 without candidates); spheres hold their triangles.
+res = fixed.res
+ijk = torch.stack(torch.meshgrid(*[torch.arange(res)] * 3, indexing="ij"), -1).reshape(-1, 3)
+centres = (fixed.lo[0] + (ijk + 0.5) * fixed.size[0] / res).double()
+tris_all = tris[0].double()
+for cell in range(res**3):
+    cands = fixed.pool[fixed.starts[cell] : fixed.starts[cell] + fixed.counts[cell]].long()
+    seed = int(fixed.seeds[cell])
+    if len(cands) == 0:
+        assert seed == -1, cell
+        continue
+    d = D._point_triangle_dist2(centres[cell], tris_all[cands]).sqrt()
+    assert seed in cands.tolist() and D._point_triangle_dist2(centres[cell], tris_all[seed]).sqrt() <= d.min() + 1e-6, cell
+spheres = fixed.spheres.double()
+assert ((tris_all - spheres[:, None, :3]).norm(dim=-1) <= spheres[:, None, 3]).all()
 canon = v * torch.tensor([1.1, 0.9, 1.0]) + 0.02
 pts = _points_near(v, 150, 0.06, 1)[None]
 shift = torch.eye(4)
@@ -385,7 +400,9 @@ def test_triton_kernels_match_torch_search_in_interpreter():
     path (indices equal up to exact ties), maps points identically (1e-5, both projections, with and
     without a fallback, with and without overflow) and its backward (the Triton points-gradient kernel
     for the plane projection, PyTorch for 'closest') gives the PyTorch path's gradients; a deformation
-    bound to its meshes builds the grid once for several calls and returns the unbound results."""
+    bound to its meshes builds the grid once for several calls and returns the unbound results; each
+    finest cell's search seed is its candidate nearest to its centre, and the bounding spheres that let
+    the search skip candidates hold their triangles."""
     import os
     import subprocess
     import sys

@@ -508,11 +508,12 @@ if triton is not None:
 
     @triton.jit
     def _refine_kernel(pool_ptr, tri_ptr, lo_ptr, size_ptr, pstart_ptr, pcount_ptr, start_ptr, count_ptr,
-                       base, n_cells, res, parent_res, reach, CAP: tl.constexpr, BLOCK_C: tl.constexpr,
+                       seed_ptr, base, n_cells, res, parent_res, reach, CAP: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_T: tl.constexpr):
         """One grid level: each cell keeps its parent's candidates t with dist(centre, t) <=
         min(dmin + 2h, reach + h), written to its CAP slots in the parent's order; a cell with more
-        than CAP such candidates keeps its parent's list (a superset), so the grid stays exact."""
+        than CAP such candidates keeps its parent's list (a superset), so the grid stays exact. The
+        triangle nearest to the centre (-1 for a cell without candidates) is the cell's search seed."""
         cells = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = cells < n_cells
         per_mesh = res * res * res
@@ -538,6 +539,7 @@ if triton is not None:
         slots = tl.arange(0, BLOCK_T)[None, :]
         kmax = tl.max(pcount, axis=0)
         best = tl.full([BLOCK_C], float("inf"), tl.float32)
+        best_t = tl.full([BLOCK_C], -1, tl.int32)
         s = 0
         while s < kmax:
             act = (s + slots) < pcount[:, None]
@@ -545,8 +547,11 @@ if triton is not None:
             ax, ay, az = _load_corner(tri_ptr, t, 0, act)
             bx, by, bz = _load_corner(tri_ptr, t, 1, act)
             cx, cy, cz = _load_corner(tri_ptr, t, 2, act)
-            d2 = _tri_dist2(px2, py2, pz2, ax, ay, az, bx, by, bz, cx, cy, cz)
-            best = tl.minimum(best, tl.min(tl.where(act, d2, float("inf")), axis=1))
+            d2 = tl.where(act, _tri_dist2(px2, py2, pz2, ax, ay, az, bx, by, bz, cx, cy, cz), float("inf"))
+            row_min = tl.min(d2, axis=1)
+            row_t = tl.sum(tl.where(slots == tl.argmin(d2, axis=1)[:, None], t, 0), axis=1)
+            best_t = tl.where(row_min < best, row_t, best_t)
+            best = tl.minimum(best, row_min)
             s += BLOCK_T
         dmin = tl.sqrt(best)
         slack = 2 * half_diag + tol
@@ -571,14 +576,22 @@ if triton is not None:
         overflow = written > CAP
         tl.store(start_ptr + cells, tl.where(overflow, pstart, own), mask=cm)
         tl.store(count_ptr + cells, tl.where(overflow, pcount, written), mask=cm)
+        tl.store(seed_ptr + cells, tl.where(written > 0, best_t, -1), mask=cm)
 
     @triton.jit
     def _deform_kernel(pts_ptr, out_ptr, idx_ptr, obs_ptr, can_ptr, fb_ptr, lo_ptr, size_ptr, start_ptr, count_ptr,
-                       pool_ptr, total, n_per, num_faces, canon_batched, res, shell, blend, reach2,
-                       MAP: tl.constexpr, PLANE: tl.constexpr, HAS_FALLBACK: tl.constexpr, HARD_BLEND: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       pool_ptr, seed_ptr, sphere_ptr, total, n_per, num_faces, canon_batched, res, shell, blend,
+                       reach2, MAP: tl.constexpr, PLANE: tl.constexpr, HAS_FALLBACK: tl.constexpr,
+                       HARD_BLEND: tl.constexpr, BLOCK: tl.constexpr):
         """Per point: exact nearest triangle over its grid cell's candidates, then (MAP) eq. 5 on that
-        triangle, the blend weight and the rigid fallback, writing the output point."""
+        triangle, the blend weight and the rigid fallback, writing the output point.
+
+        The search starts from the cell's seed (the triangle nearest to its centre, usually within a
+        few candidates of the point's own nearest) and skips a candidate whose bounding sphere is
+        farther than the best distance so far: |x - s_t| - r_t is a lower bound of dist(x, t), so a
+        skipped candidate cannot be nearer (a margin covers float32 rounding). A program is one warp,
+        so the exact test runs only when some point of the block still needs that candidate. Exact
+        ties go to the lowest triangle index, whatever the visiting order."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = offs < total
         b = offs // n_per
@@ -595,20 +608,34 @@ if triton is not None:
         cell = ((b * res + ci) * res + cj) * res + ck
         start = tl.load(start_ptr + cell, mask=inside, other=0)
         count = tl.load(count_ptr + cell, mask=inside, other=0)
-        best = tl.full([BLOCK], float("inf"), tl.float32)
-        best_t = tl.full([BLOCK], -1, tl.int32)
+        seed = tl.load(seed_ptr + cell, mask=inside & (count > 0), other=-1)
+        has_seed = seed >= 0
+        t = tl.where(has_seed, seed, 0)
+        ax, ay, az = _load_corner(obs_ptr, t, 0, has_seed)
+        bx, by, bz = _load_corner(obs_ptr, t, 1, has_seed)
+        cx, cy, cz = _load_corner(obs_ptr, t, 2, has_seed)
+        best = tl.where(has_seed, _tri_dist2(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz), float("inf"))
+        best_t = tl.where(has_seed, seed, -1)
+        # float32 rounding of the distances and of the bound, relative to the coordinates' magnitude
+        tol = 1e-5 * (1.0 + tl.maximum(tl.maximum(tl.abs(px), tl.abs(py)), tl.abs(pz)))
         kmax = tl.max(count, axis=0)
         k = 0
         while k < kmax:
             act = k < count
             t = tl.load(pool_ptr + start + k, mask=act, other=0)
-            ax, ay, az = _load_corner(obs_ptr, t, 0, act)
-            bx, by, bz = _load_corner(obs_ptr, t, 1, act)
-            cx, cy, cz = _load_corner(obs_ptr, t, 2, act)
-            d2 = _tri_dist2(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz)
-            better = act & (d2 < best)  # strict: the first candidate (lowest index) wins exact ties
-            best = tl.where(better, d2, best)
-            best_t = tl.where(better, t, best_t)
+            sx = px - tl.load(sphere_ptr + t * 4 + 0, mask=act, other=0.0)
+            sy = py - tl.load(sphere_ptr + t * 4 + 1, mask=act, other=0.0)
+            sz = pz - tl.load(sphere_ptr + t * 4 + 2, mask=act, other=0.0)
+            bound = tl.sqrt(sx * sx + sy * sy + sz * sz) - tl.load(sphere_ptr + t * 4 + 3, mask=act, other=0.0)
+            need = act & (bound <= tl.sqrt(best) + tol)
+            if tl.max(need.to(tl.int32), axis=0) > 0:
+                ax, ay, az = _load_corner(obs_ptr, t, 0, need)
+                bx, by, bz = _load_corner(obs_ptr, t, 1, need)
+                cx, cy, cz = _load_corner(obs_ptr, t, 2, need)
+                d2 = _tri_dist2(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz)
+                better = need & ((d2 < best) | ((d2 == best) & (t < best_t)))
+                best = tl.where(better, d2, best)
+                best_t = tl.where(better, t, best_t)
             k += 1
         found = (best_t >= 0) & (best <= reach2)
         local = tl.where(found, best_t - (b * num_faces).to(tl.int32), -1)
@@ -788,6 +815,8 @@ class FixedGrid:
     starts: Tensor  # (B*res^3,) int64
     counts: Tensor  # (B*res^3,) int32
     pool: Tensor  # int32: the root lists (all triangles) then each level's slots
+    seeds: Tensor  # (B*res^3,) int32: the global id of the triangle nearest to the cell's centre, -1 if none
+    spheres: Tensor  # (B*F, 4) float32: a bounding sphere (centre, radius) of each triangle
 
 
 def level_capacities(levels: list[int], capacity: int, num_faces: int) -> list[int]:
@@ -823,12 +852,21 @@ def build_fixed_grid(tris: Tensor, reach: float, levels: list[int], capacity: in
         n_cells = batch * res**3
         new_starts = torch.empty(n_cells, device=device, dtype=torch.int64)
         new_counts = torch.empty(n_cells, device=device, dtype=torch.int32)
+        seeds = torch.empty(n_cells, device=device, dtype=torch.int32)
         block_c, block_t = _refine_launch(n_cells)
         _refine_kernel[(triton.cdiv(n_cells, block_c),)](pool, flat, lo, size, starts, counts, new_starts, new_counts,
-                                                         base, n_cells, res, parent_res, float(reach), CAP=cap,
+                                                         seeds, base, n_cells, res, parent_res, float(reach), CAP=cap,
                                                          BLOCK_C=block_c, BLOCK_T=block_t)
         starts, counts, base, parent_res = new_starts, new_counts, base + n_cells * cap, res
-    return FixedGrid(parent_res, lo, size, starts, counts, pool)
+    return FixedGrid(parent_res, lo, size, starts, counts, pool, seeds, bounding_spheres(tris))
+
+
+def bounding_spheres(tris: Tensor) -> Tensor:
+    """(B*F, 4) spheres (centre, radius) holding each triangle of ``tris`` (B,F,3,3): centred on the
+    centroid, the radius is the farthest corner's distance, grown a little against rounding."""
+    centre = tris.mean(dim=2)
+    radius = (tris - centre.unsqueeze(2)).norm(dim=-1).amax(dim=-1)
+    return torch.cat([centre, (radius * (1 + 1e-5) + 1e-7).unsqueeze(-1)], dim=-1).reshape(-1, 4).contiguous()
 
 
 _QUERY_LAUNCH = (32, 1)  # points per program, warps: a program loops to its points' largest candidate count
@@ -861,8 +899,8 @@ def triton_deform(points: Tensor, obs_tris: Tensor, canon_tris: Tensor, fallback
     if total:
         block, warps = _QUERY_LAUNCH
         _deform_kernel[(triton.cdiv(total, block),)](
-            pts, out, idx, obs, can, fb, grid.lo, grid.size, grid.starts, grid.counts, grid.pool, total, n,
-            num_faces, int(canon_tris.shape[0] > 1), grid.res, float(cfg.shell), float(cfg.blend),
+            pts, out, idx, obs, can, fb, grid.lo, grid.size, grid.starts, grid.counts, grid.pool, grid.seeds,
+            grid.spheres, total, n, num_faces, int(canon_tris.shape[0] > 1), grid.res, float(cfg.shell), float(cfg.blend),
             float(cfg.shell + cfg.blend) ** 2,
             MAP=map_points, PLANE=cfg.projection == "plane", HAS_FALLBACK=fallback is not None,
             HARD_BLEND=cfg.blend == 0, BLOCK=block, num_warps=warps)
