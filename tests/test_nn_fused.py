@@ -220,3 +220,43 @@ def test_cuda_fast_path_generator_equals_reference_values_and_gradients(sr_bf16)
                 assert err < 1e-2, (name, err)
                 continue
             assert err < grad_tol, (name, err)
+
+
+@pytest.mark.parametrize("precision", ["float64", "bf16-autocast"])
+def test_frozen_weights_give_the_same_render_and_are_only_used_without_gradients(monkeypatch, precision):
+    """``freeze_weights`` (inference engines): the fast path forced on CPU renders exactly the same
+    images from the frozen weight transforms (folded up-sampling kernels, casts, demodulation sums,
+    scaled linear weights) as from per-call ones, in float64 and under bf16 autocast; calls that record
+    gradients ignore the frozen copies, which do not follow later weight changes until ``thaw_weights``."""
+    import clipportrait.nn.synthesis as synthesis
+    from clipportrait.nn.layers import freeze_weights, thaw_weights
+
+    monkeypatch.setattr(synthesis, "use_fast_path", lambda enabled, x: enabled)
+    torch.manual_seed(0)
+    g_cfg, _ = preset("tiny", neural_rendering_resolution=8, depth_samples=4, importance_samples=4)
+    G = build_generator(g_cfg).eval()
+    dtype = torch.float64 if precision == "float64" else torch.float32
+    G = G.to(dtype)
+    origins, dirs = ray_bundle(sample_ffhq_like(2, generator=torch.Generator().manual_seed(1)), 8)
+    origins, dirs = origins.to(dtype), dirs.to(dtype)
+    ws = G.mapping(torch.randn(2, g_cfg.z_dim, dtype=dtype)).detach()
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "float64")
+
+    def render(grad: bool = False) -> torch.Tensor:
+        with torch.set_grad_enabled(grad), amp:
+            return G.render(ws, origins, dirs, noise_mode="const", perturb=False)["image"].detach()
+
+    reference = render()
+    freeze_weights(G, (dtype, torch.bfloat16))
+    frozen_layers = [m for m in G.modules() if hasattr(m, "_frozen_weights")]
+    assert any(isinstance(m, synthesis.SynthesisLayer) and m.up > 1 for m in frozen_layers)
+    assert torch.equal(render(), reference)
+    layer = next(m for m in frozen_layers if isinstance(m, synthesis.SynthesisLayer) and m.up > 1)
+    with torch.no_grad():
+        layer.weight.mul_(1.5)
+    assert torch.equal(render(), reference)  # the frozen copies are what no-grad calls use
+    changed = render(grad=True)
+    assert not torch.equal(changed, reference)
+    thaw_weights(G)
+    assert not any(hasattr(m, "_frozen_weights") for m in G.modules())
+    assert torch.equal(render(), changed)

@@ -22,8 +22,12 @@ from clipportrait.nn.layers import (
     FullyConnected,
     bias_act,
     binomial_order,
+    compute_dtype,
     demodulation_coefficients,
+    demodulation_sums,
     fir_filter,
+    folded_upconv_phases,
+    frozen,
     modulated_conv2d,
     modulated_conv_core,
     modulated_upconv_folded,
@@ -71,17 +75,28 @@ class SynthesisLayer(nn.Module):
             raise ValueError(f"noise_mode={noise_mode!r}: expected one of {NOISE_MODES}")
         if use_fast_path(self.fast_path, x):
             x = x.contiguous(memory_format=torch.channels_last)
+            kernel, sums = frozen(self, compute_dtype(x), self.weight_transforms)
             if self.up > 1:
-                x = modulated_upconv_folded(x, self.weight, styles, self.resample_filter, self.up)
+                x = modulated_upconv_folded(x, self.weight, styles, self.resample_filter, self.up, phases=kernel)
             else:
-                x = modulated_conv_core(x, self.weight, styles)
-            return synthesis_layer_tail(x, demodulation_coefficients(self.weight, styles), self._noise(x, noise_mode),
-                                        self.noise_strength, self.bias, gain, self.conv_clamp)
+                x = modulated_conv_core(x, kernel, styles)
+            return synthesis_layer_tail(x, demodulation_coefficients(self.weight, styles, sums),
+                                        self._noise(x, noise_mode), self.noise_strength, self.bias, gain,
+                                        self.conv_clamp)
         x = modulated_conv2d(x, self.weight, styles, demodulate=True, up=self.up, resample_filter=self.resample_filter)
         noise = self._noise(x, noise_mode)
         if noise is not None:
             x = x + noise.to(x.dtype) * self.noise_strength.to(x.dtype)
         return bias_act(x, self.bias, "lrelu", gain=gain, clamp=self.conv_clamp)
+
+    def weight_transforms(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fast path's conv kernel in ``dtype`` (the FIR-folded phase kernels when up-sampling) and
+        the demodulation sums (what ``freeze_weights`` keeps)."""
+        if self.up > 1:
+            kernel = folded_upconv_phases(self.weight, self.resample_filter, self.up)
+        else:
+            kernel = self.weight
+        return kernel.to(dtype), demodulation_sums(self.weight)
 
     def _noise(self, x: torch.Tensor, noise_mode: str) -> torch.Tensor | None:
         """Per-pixel noise (B, 1, R, R) / (R, R), or None, for the conv output ``x``."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipportrait.nn.layers import FullyConnected
+from clipportrait.nn.layers import FullyConnected, frozen
 
 # For each plane, which coordinates of a point give its (width, height) grid position.
 PLANE_AXES: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (2, 1))
@@ -90,8 +90,7 @@ class TriplaneDecoder(nn.Module):
         ``self.out(softplus(self.hidden(x)))``."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             dtype = torch.promote_types(x.dtype, torch.float32)
-            layers = [((fc.weight * fc.weight_gain).to(dtype), (fc.bias * fc.bias_gain).to(dtype))
-                      for fc in (self.hidden, self.out)]
+            layers = [frozen(fc, dtype, fc.weight_transforms) for fc in (self.hidden, self.out)]
             x = _RecomputedMLP.apply(x.to(dtype), *layers[0], *layers[1])
         features = torch.sigmoid(x[..., 1:]) * (1 + 2 * 0.001) - 0.001
         return features, x[..., :1]
