@@ -21,6 +21,8 @@ def affine(x: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def test_check_finite_names_every_bad_input():
     good = {"z": torch.zeros(2, 3), "flip": torch.zeros(2, dtype=torch.bool)}
+    if torch.cuda.is_available():  # inputs spread over host and device
+        good["embedding"] = torch.zeros(2, 4, device="cuda")
     check_finite(good)
     bad = {**good, "camera": torch.tensor([[0.0, float("nan")]]), "pose": torch.tensor([float("inf")])}
     with pytest.raises(UserError, match="camera, pose"):
@@ -77,3 +79,29 @@ def test_a_function_that_synchronises_cannot_be_captured():
 
     with pytest.raises(GraphCaptureError, match="syncs"):  # (the frame is named when it is in the package)
         GraphedFunction(syncs)(torch.ones(3, device="cuda"))
+    assert torch.randn(4, device="cuda").isfinite().all()  # the failed capture left random draws working
+
+
+@cuda
+def test_host_inputs_are_staged_and_non_finite_inputs_named():
+    """Inputs given on the host go through pinned staging buffers (one graph, replays equal direct calls
+    for new values); with check_finite a non-finite host input is named before anything runs and a
+    non-finite device input is named from the graph's own check after the replay."""
+    graphed = GraphedFunction(affine, device="cuda", check_finite=True)
+    w = torch.randn(8, 8, device="cuda")
+    outs = []
+    for seed in range(3):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed))  # on the host
+        out = graphed(x, w, names=("x", "w"))
+        assert torch.allclose(out["y"], affine(x.cuda(), w)["y"], atol=1e-6)
+        outs.append(out["y"])
+    assert len(graphed) == 1 and not torch.allclose(outs[0], outs[-1])
+    bad_x = x.clone()
+    bad_x[1, 2] = float("nan")
+    with pytest.raises(UserError, match="^non-finite values in x$"):
+        graphed(bad_x, w, names=("x", "w"))
+    bad_w = w.clone()
+    bad_w[0, 0] = float("inf")
+    with pytest.raises(UserError, match="^non-finite values in w$"):
+        graphed(x, bad_w, names=("x", "w"))
+    assert torch.allclose(graphed(x, w, names=("x", "w"))["y"], outs[-1])  # and it goes on

@@ -134,7 +134,8 @@ def test_the_cuda_graph_switch_changes_nothing_on_a_cpu(chain, system):
 def test_cuda_graph_replays_equal_the_eager_engine(chain, system):
     """With cuda_graphs, text encoding and generation are replayed from graphs captured at the first
     call of a batch size; later calls with other prompts, seeds, cameras, expressions and alpha give
-    what the eager engine gives, and a non-finite input is refused before a replay."""
+    what the eager engine gives, and a non-finite input is refused (a host one before a replay, a
+    device one by the graph's own check)."""
     import copy
 
     from clipportrait.lvlm import build_clip
@@ -158,6 +159,10 @@ def test_cuda_graph_replays_equal_the_eager_engine(chain, system):
     bad["camera"][1, 3] = float("nan")
     with pytest.raises(UserError, match="camera"):
         graphed.render(seeds, bad, text_g, 1.0)
+    bad_text = text_g.clone()  # a device input: checked inside the graph
+    bad_text[0, 0] = float("inf")
+    with pytest.raises(UserError, match="embedding"):
+        graphed.render(seeds, cond, bad_text, 1.0)
 
 
 def test_camera_presets_round_trip_through_the_labels():

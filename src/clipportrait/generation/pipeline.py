@@ -6,10 +6,15 @@ with the mesh of the requested morphable parameters and the requested camera. La
 measured per call (host clock around the work, with a CUDA synchronise on both sides on GPU) and
 reported per prompt (text encoding) and per image (generation).
 
+The engine freezes the generator's weights (``nn.layers.freeze_weights``): the folded up-sampling
+kernels, casts and demodulation sums are computed once, not per call, so an engine serves the
+weights it was built with.
+
 With ``cuda_graphs`` (on CUDA) the text tower and the generator each run as a CUDA graph captured
 once per batch size (``utils.cuda_graphs``): the same kernels, launched by one call instead of
-several hundred, which is what bounds a small batch. Every replay's inputs are checked for
-non-finite values first (the checks inside the graphs cannot run there).
+several hundred, which is what bounds a small batch. Host inputs (tokens, latents, conditioning) are
+copied without blocking the host, and every replay's inputs are checked for non-finite values (the
+checks inside the graphs cannot run there).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..errors import UserError
+from ..nn.layers import freeze_weights
 from ..utils.cuda_graphs import GraphCaptureError, GraphedFunction, check_finite
 from .modality_gap import ModalityGap
 
@@ -33,24 +39,35 @@ OUTPUT_KEYS = ("image", "image_raw", "image_depth", "image_alpha")  # what rende
 
 @dataclass
 class LatencyMeter:
-    """Accumulated wall time (ms) and item counts per named stage."""
+    """Accumulated time (ms) and item counts per named stage: the host clock on CPUs; on CUDA, events
+    recorded on the stream around the stage (from when the GPU is free for it to when its work is
+    done, host time while the GPU waits included), read when the totals are asked for, so measuring
+    adds no synchronisation to the calls."""
 
     totals_ms: dict[str, float] = field(default_factory=dict)
     items: dict[str, int] = field(default_factory=dict)
+    _pending: list = field(default_factory=list)
 
     @contextmanager
     def measure(self, name: str, items: int, device: torch.device) -> Iterator[None]:
-        cuda = device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        yield
-        if cuda:
-            torch.cuda.synchronize(device)
-        self.totals_ms[name] = self.totals_ms.get(name, 0.0) + (time.perf_counter() - start) * 1e3
         self.items[name] = self.items.get(name, 0) + int(items)
+        self.totals_ms.setdefault(name, 0.0)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._pending.append((name, start, end))
+            return
+        begin = time.perf_counter()
+        yield
+        self.totals_ms[name] += (time.perf_counter() - begin) * 1e3
 
     def per_item_ms(self) -> dict[str, float]:
+        for name, start, end in self._pending:
+            end.synchronize()
+            self.totals_ms[name] += start.elapsed_time(end)
+        self._pending.clear()
         return {name: self.totals_ms[name] / max(self.items[name], 1) for name in self.totals_ms}
 
 
@@ -70,32 +87,35 @@ class TextToPortrait:
                             f"alignment network T_G takes {width}-d embeddings: use the LVLM the checkpoint's "
                             "canonicalisation cache was made with (lvlm=...)")
         self.system = system
+        device = next(system.G_ema.parameters()).device
+        dtypes = (next(system.G_ema.parameters()).dtype,) + ((torch.bfloat16,) if device.type == "cuda" else ())
+        freeze_weights(system.G_ema, dtypes)
         self.clip = clip
         self.gap = gap.to(clip.device) if gap is not None else None
         self.truncation_psi = float(truncation_psi)
         self.latency = LatencyMeter()
         self.cuda_graphs = bool(cuda_graphs)
         self.graph_failure: str | None = None  # why capturing failed (the engine then runs eagerly)
-        self._graphs = {"text": GraphedFunction(self._embed_tokens), "portrait": GraphedFunction(self._portrait)}
+        self._graphs = {"text": GraphedFunction(self._embed_tokens, device=clip.device, check_finite=True),
+                        "portrait": GraphedFunction(self._portrait, device=device, check_finite=True)}
 
     def graphs_used(self) -> bool:
         """Whether any call so far was replayed from a CUDA graph."""
         return any(len(g) for g in self._graphs.values())
 
-    def _run(self, name: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``_embed_tokens`` / ``_portrait`` of ``inputs``: replayed from a CUDA graph when enabled and on
-        CUDA, else called; a capture that fails is logged once and the engine goes on eagerly."""
+    def _run(self, name: str, inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """``_embed_tokens`` / ``_portrait`` of ``inputs`` (on the host or on ``device``): replayed from a
+        CUDA graph when enabled and on CUDA, else called; a capture that fails is logged once and the
+        engine goes on eagerly."""
         graphed = self._graphs[name]
-        args = tuple(inputs.values())
-        if not (self.cuda_graphs and self.graph_failure is None and all(x.is_cuda for x in args)):
-            return graphed.fn(*args)
+        if self.cuda_graphs and self.graph_failure is None and device.type == "cuda":
+            try:
+                return graphed(*inputs.values(), names=tuple(inputs))
+            except GraphCaptureError as exc:
+                self.graph_failure = str(exc)
+                log.warning("CUDA graphs off for this run: %s", exc)
         check_finite(inputs)
-        try:
-            return graphed(*args)
-        except GraphCaptureError as exc:
-            self.graph_failure = str(exc)
-            log.warning("CUDA graphs off for this run: %s", exc)
-            return graphed.fn(*args)
+        return graphed.fn(*(x.to(device) for x in inputs.values()))
 
     def _embed_tokens(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         embeddings = self.clip.encode_tokens(tokens)
@@ -120,8 +140,8 @@ class TextToPortrait:
         """(P,D) embeddings fed to T_G: E_T(prompt), corrected by the modality gap when one is set."""
         prompts = list(prompts)
         with self.latency.measure("text_encoding", len(prompts), self.clip.device):
-            chunks = [self._run("text", {"tokens": self.clip.tokenize(prompts[i:i + self.clip.batch_size]).to(
-                self.clip.device)})["embedding"] for i in range(0, len(prompts), self.clip.batch_size)]
+            chunks = [self._run("text", {"tokens": self.clip.tokenize(prompts[i:i + self.clip.batch_size])},
+                                self.clip.device)["embedding"] for i in range(0, len(prompts), self.clip.batch_size)]
         return torch.cat(chunks).to(self.device)
 
     @torch.no_grad()
@@ -133,13 +153,15 @@ class TextToPortrait:
         missing = [k for k in COND_KEYS if k not in cond]
         if missing:
             raise KeyError(f"conditioning: missing {missing} (have {sorted(cond)})")
-        inputs = {"z": torch.stack([latent(s, self.system.cfg.backbone.z_dim) for s in seeds]).to(device)}
-        inputs.update({k: cond[k].to(device) for k in COND_KEYS})
+        # Inputs stay where the caller has them (host or device); ``_run`` moves them.
+        inputs = {"z": torch.stack([latent(s, self.system.cfg.backbone.z_dim) for s in seeds])}
+        inputs.update({k: cond[k] for k in COND_KEYS})
         if embedding is None:  # Stage 2's own check, here on the host (a graph cannot hold it)
-            self.system.alpha_of({"alpha": alpha}, len(seeds), device)
+            self.system.alpha_of({"alpha": alpha}, len(seeds), torch.device("cpu"))
         # alpha as a (B,) tensor: a graph replays any value; 0 without an embedding (Stage 1's portrait)
-        inputs["alpha"] = torch.as_tensor(alpha, dtype=torch.float32, device=device).expand(len(seeds)).contiguous()
+        alpha = torch.as_tensor(alpha, dtype=torch.float32)
+        inputs["alpha"] = alpha.expand(len(seeds)).contiguous() if alpha.ndim == 0 else alpha
         if embedding is not None:
-            inputs["embedding"] = embedding.to(device)
+            inputs["embedding"] = embedding
         with self.latency.measure("generation", len(seeds), device):
-            return self._run("portrait", inputs)
+            return self._run("portrait", inputs, device)

@@ -6,14 +6,17 @@ render, super-resolution), and launching them takes longer than running them. A 
 the launches once and replays them with one call.
 
 ``GraphedFunction`` captures ``fn(*tensors) -> dict of tensors`` once per input signature (shapes,
-dtypes, device, grad and autocast state): warm-up calls run eagerly on a side stream (they compile
+dtypes, devices, grad and autocast state): warm-up calls run eagerly on a side stream (they compile
 what ``backbone.compile`` compiles and run every check of the eager path on the real shapes), then
 one call is captured. A replay copies the inputs into the captured ones and returns copies of the
-outputs, so results stay valid after the next call.
+outputs, so results stay valid after the next call. Inputs may live on the host: they go through
+pinned staging buffers with copies that do not block the host (a plain host-to-device copy waits for
+all queued GPU work, which would serialise the host's preparation of a call with the previous one).
 
 Checks that read device values back to the host (non-finite camera labels or morphable parameters)
-cannot run inside a capture; they are skipped while capturing (``host_checks``) and the caller
-checks every replay's inputs instead (``check_finite``).
+cannot run inside a capture; they are skipped while capturing (``host_checks``). With
+``check_finite=True`` every replay's floating-point inputs are checked instead: host inputs on the
+host before the copy, device inputs inside the graph, read once the replay is done.
 """
 
 from __future__ import annotations
@@ -43,12 +46,20 @@ def host_checks() -> bool:
 def check_finite(inputs: dict[str, torch.Tensor]) -> None:
     """UserError naming every floating-point input with non-finite values (one host sync when all are fine)."""
     floats = {k: v for k, v in inputs.items() if v.is_floating_point()}
-    if not floats:
-        return
-    bad = torch.stack([~torch.isfinite(v).all() for v in floats.values()])
-    if bool(bad.any()):
-        names = [k for k, b in zip(floats, bad.tolist()) if b]
-        raise UserError(f"non-finite values in {', '.join(names)}")
+    bad = []
+    for device in {v.device for v in floats.values()}:  # inputs may be spread over host and device
+        names = [k for k, v in floats.items() if v.device == device]
+        flags = torch.stack([~torch.isfinite(floats[k]).all() for k in names]).tolist()
+        bad += [k for k, flag in zip(names, flags) if flag]
+    if bad:
+        _refuse([k for k in floats if k in bad])
+
+
+def _refuse(names: list[str]) -> None:
+    raise UserError(f"non-finite values in {', '.join(names)}")
+
+
+_NONFINITE = "__nonfinite__"  # the captured graph's extra output: one flag per checked device input
 
 
 def _where(exc: BaseException) -> str:
@@ -56,6 +67,15 @@ def _where(exc: BaseException) -> str:
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}clipportrait{os.sep}" in f.filename
               and not f.filename.endswith("cuda_graphs.py")]
     return f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
+
+
+def _restore_random_state(device: torch.device) -> None:
+    """After a failed capture, capture one trivial graph: a capture that ends in an error leaves CUDA's
+    default generator marked as capturing (every later random draw on the device then fails with
+    "Offset increment outside graph capture"), and the next capture that ends cleanly clears it."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.empty(1, device=device).fill_(0.0)
 
 
 class GraphCaptureError(RuntimeError):
@@ -68,63 +88,100 @@ class _Captured:
     graph: torch.cuda.CUDAGraph
     inputs: tuple[torch.Tensor, ...]
     outputs: dict[str, torch.Tensor]
+    staging: tuple[torch.Tensor | None, ...]  # pinned host buffers of the inputs given on the host
+    checked: tuple[int, ...]  # device inputs whose finiteness the graph reports
+    copied: torch.cuda.Event  # the last replay's host-to-device copies are done: staging is free
 
 
 class GraphedFunction:
     """``fn`` replayed from CUDA graphs, one per input signature (see the module docstring).
 
-    ``fn`` takes CUDA tensors only (everything else is bound in it) and returns a dict of tensors.
-    At most ``max_graphs`` graphs are kept (each holds its own memory pool); the oldest goes first.
-    A failed capture raises; callers fall back to calling ``fn`` directly."""
+    ``fn`` takes tensors only (everything else is bound in it) and returns a dict of tensors; it runs
+    on ``device`` (default: that of the first CUDA input). At most ``max_graphs`` graphs are kept (each
+    holds its own memory pool); the oldest goes first. A failed capture raises; callers fall back to
+    calling ``fn`` directly. ``check_finite``: refuse non-finite floating-point inputs (UserError naming
+    them, from ``names`` given to the call)."""
 
-    def __init__(self, fn: Callable[..., dict[str, torch.Tensor]], warmup: int = 2, max_graphs: int = 4) -> None:
+    def __init__(self, fn: Callable[..., dict[str, torch.Tensor]], warmup: int = 2, max_graphs: int = 4,
+                 device: torch.device | str | None = None, check_finite: bool = False) -> None:
         if warmup < 1 or max_graphs < 1:
             raise ValueError(f"warmup={warmup}, max_graphs={max_graphs}: expected >= 1 each")
         self.fn = fn
         self.warmup = int(warmup)
         self.max_graphs = int(max_graphs)
+        self.device = torch.device(device) if device is not None else None
+        self.check_finite = bool(check_finite)
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
 
     @staticmethod
-    def signature(inputs: tuple[torch.Tensor, ...]) -> tuple:
-        device = inputs[0].device
+    def signature(inputs: tuple[torch.Tensor, ...], device: torch.device) -> tuple:
         state = (torch.is_grad_enabled(), torch.is_autocast_enabled(device.type),
-                 torch.get_autocast_dtype(device.type))
+                 torch.get_autocast_dtype(device.type), device)
         return state + tuple((tuple(x.shape), x.dtype, x.device) for x in inputs)
 
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def _capture(self, inputs: tuple[torch.Tensor, ...]) -> _Captured:
-        device = inputs[0].device
-        static = tuple(x.detach().clone() for x in inputs)
+    def _capture(self, inputs: tuple[torch.Tensor, ...], device: torch.device) -> _Captured:
+        static = tuple(x.detach().to(device, copy=True) for x in inputs)
+        staging = tuple(torch.empty(x.shape, dtype=x.dtype, pin_memory=True) if not x.is_cuda else None
+                        for x in inputs)
+        checked = tuple(i for i, x in enumerate(inputs) if x.is_cuda and x.is_floating_point()) \
+            if self.check_finite else ()
+
+        def body(*args: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = self.fn(*args)
+            if checked:
+                out = {**out, _NONFINITE: torch.stack([~torch.isfinite(args[i]).all() for i in checked])}
+            return out
+
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                self.fn(*static)
+                body(*static)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                outputs = self.fn(*static)
+                outputs = body(*static)
         except Exception as exc:
+            _restore_random_state(device)
             raise GraphCaptureError(f"capturing {getattr(self.fn, '__qualname__', self.fn)} failed{_where(exc)}: "
                                     f"{type(exc).__name__}: {exc}") from exc
-        return _Captured(graph, static, outputs)
+        return _Captured(graph, static, outputs, staging, checked, torch.cuda.Event())
 
-    def __call__(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        if not inputs or not all(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs):
-            raise ValueError("GraphedFunction: expected CUDA tensors as the only arguments")
-        key = self.signature(inputs)
+    def __call__(self, *inputs: torch.Tensor, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        device = self.device or next((x.device for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda), None)
+        if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs) or device is None or device.type != "cuda":
+            raise ValueError("GraphedFunction: expected tensors as the only arguments, and CUDA tensors among "
+                             "them or a CUDA device")
+        names = tuple(names) if names is not None else tuple(f"input {i}" for i in range(len(inputs)))
+        if self.check_finite:  # host inputs: checked before anything is copied or run
+            bad = [n for n, x in zip(names, inputs) if not x.is_cuda and x.is_floating_point()
+                   and not bool(torch.isfinite(x).all())]
+            if bad:
+                _refuse(bad)
+        key = self.signature(inputs, device)
         entry = self._graphs.get(key)
         if entry is None:
             while len(self._graphs) >= self.max_graphs:
                 self._graphs.popitem(last=False)
-            entry = self._graphs[key] = self._capture(inputs)
+            entry = self._graphs[key] = self._capture(inputs, device)
         else:
             self._graphs.move_to_end(key)
-        for static, x in zip(entry.inputs, inputs):
-            static.copy_(x)
+        entry.copied.synchronize()  # the previous replay's copies have left the staging buffers
+        for static, staging, x in zip(entry.inputs, entry.staging, inputs):
+            if staging is None:
+                static.copy_(x)
+            else:
+                staging.copy_(x)
+                static.copy_(staging, non_blocking=True)
+        entry.copied.record()
         entry.graph.replay()
-        return {k: v.clone() for k, v in entry.outputs.items()}
+        outputs = {k: v.clone() for k, v in entry.outputs.items() if k != _NONFINITE}  # queued behind the replay
+        if entry.checked:
+            flags = entry.outputs[_NONFINITE].tolist()  # waits for the replay
+            if any(flags):
+                _refuse([names[i] for i, flag in zip(entry.checked, flags) if flag])
+        return outputs
