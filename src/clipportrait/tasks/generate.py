@@ -229,7 +229,7 @@ def run(cfg, ctx: RunContext) -> dict:
                              "generation_per_image": latency.get("generation"),
                              "images_generated": engine.latency.items.get("generation", 0),
                              "cuda_graphs": engine.graphs_used(), "cuda_graph_failure": engine.graph_failure,
-                             "note": "wall time with CUDA synchronisation on GPU; batch " + str(t.batch_size)}}
+                             "note": "host clock on CPU, CUDA events around each stage on GPU; batch " + str(t.batch_size)}}
     write_json_atomic(ctx.run_dir / "generate.json", record)
     ctx.metrics.write({"event": "generate", **record})
     console.print(f"generate: wrote {ctx.run_dir} (text {latency.get('text_encoding', float('nan')):.1f} ms/prompt, "
