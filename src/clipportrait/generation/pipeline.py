@@ -3,8 +3,8 @@
 At inference the text embedding r_t takes the place of the image embedding r_x that Stage 2 was
 trained on (paper sec. 2): w_r(alpha) = w + alpha T_G(w, r_t) (eq. 11), then Stage 1's synthesis
 with the mesh of the requested morphable parameters and the requested camera. Latencies are
-measured per call (host clock around the work, with a CUDA synchronise on both sides on GPU) and
-reported per prompt (text encoding) and per image (generation).
+measured per call (``LatencyMeter``: the host clock on CPUs, CUDA events on GPUs) and reported per
+prompt (text encoding) and per image (generation).
 
 The engine freezes the generator's weights (``nn.layers.freeze_weights``): the folded up-sampling
 kernels, casts and demodulation sums are computed once, not per call, so an engine serves the

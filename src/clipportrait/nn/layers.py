@@ -243,14 +243,7 @@ def frozen(module: nn.Module, dtype: torch.dtype, transforms: Callable[[torch.dt
     store = getattr(module, "_frozen_weights", None)
     if store is not None and not torch.is_grad_enabled() and dtype in store:
         return store[dtype]
-    return _weight_transforms(module, dtype, transforms)
-
-
-def _weight_transforms(module: nn.Module, dtype: torch.dtype, transforms: Callable[[torch.dtype], tuple]) -> tuple:
-    """``transforms(dtype)`` computed at the weights' own precision (autocast off: the FIR fold is a
-    convolution, which autocast would run in bf16), then cast; the same numbers frozen or per call."""
-    with torch.autocast(device_type=next(module.parameters()).device.type, enabled=False):
-        return transforms(dtype)
+    return transforms(dtype)
 
 
 def freeze_weights(root: nn.Module, dtypes: tuple[torch.dtype, ...]) -> None:
@@ -263,9 +256,8 @@ def freeze_weights(root: nn.Module, dtypes: tuple[torch.dtype, ...]) -> None:
     with torch.no_grad():
         for module in root.modules():
             if callable(getattr(module, "weight_transforms", None)):
-                module._frozen_weights = {d: tuple(t.detach() if t is not None else None for t in
-                                                   _weight_transforms(module, d, module.weight_transforms))
-                                          for d in dtypes}
+                module._frozen_weights = {d: tuple(t.detach() if t is not None else None
+                                                   for t in module.weight_transforms(d)) for d in dtypes}
 
 
 def thaw_weights(root: nn.Module) -> None:

@@ -91,11 +91,13 @@ class SynthesisLayer(nn.Module):
 
     def weight_transforms(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The fast path's conv kernel in ``dtype`` (the FIR-folded phase kernels when up-sampling) and
-        the demodulation sums (what ``freeze_weights`` keeps)."""
-        if self.up > 1:
+        the demodulation sums (what ``freeze_weights`` keeps). Computed at the weights' own precision
+        (the FIR fold is a convolution, which autocast would run in bf16), so frozen or per call they
+        are the same numbers."""
+        if self.up == 1:
+            return self.weight.to(dtype), demodulation_sums(self.weight)
+        with torch.autocast(device_type=self.weight.device.type, enabled=False):
             kernel = folded_upconv_phases(self.weight, self.resample_filter, self.up)
-        else:
-            kernel = self.weight
         return kernel.to(dtype), demodulation_sums(self.weight)
 
     def _noise(self, x: torch.Tensor, noise_mode: str) -> torch.Tensor | None:

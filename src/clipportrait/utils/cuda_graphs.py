@@ -158,10 +158,7 @@ class GraphedFunction:
                              "them or a CUDA device")
         names = tuple(names) if names is not None else tuple(f"input {i}" for i in range(len(inputs)))
         if self.check_finite:  # host inputs: checked before anything is copied or run
-            bad = [n for n, x in zip(names, inputs) if not x.is_cuda and x.is_floating_point()
-                   and not bool(torch.isfinite(x).all())]
-            if bad:
-                _refuse(bad)
+            check_finite({n: x for n, x in zip(names, inputs) if not x.is_cuda})
         key = self.signature(inputs, device)
         entry = self._graphs.get(key)
         if entry is None:
