@@ -39,7 +39,7 @@ demo: install
 	$(VPY) run.py experiment=demo
 
 test: install
-	$(VPY) -m pytest -q -n 2 --dist loadgroup --timeout 900 tests
+	$(VPY) -m pytest -q -n 2 --dist worksteal --timeout 900 tests
 
 bench: install
 	$(VPY) -m benchmarks.run_all
