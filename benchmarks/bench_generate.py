@@ -7,10 +7,11 @@ deformation bound to the morphable mesh, volume rendering, super-resolution), as
 
 Random weights throughout (speed does not depend on them): the generator, T_G, and open_clip's ViT-B/32
 built without pretrained weights (offline). Rows: the full path, and its two parts (text encoding alone;
-generation from a given embedding) so a miss can be placed; on CUDA also the full path as task=generate
-runs it by default, through ``generation.TextToPortrait`` with its text tower and generator replayed
-from CUDA graphs (``cuda-graph`` rows; seeds drawn and inputs copied and checked on every call, as
-there). TF32 and bf16 autocast (the mapping MLP and volume compositing stay float32 by design;
+generation from a given embedding) so a miss can be placed; on CUDA also the full path through
+``generation.TextToPortrait`` replayed from CUDA graphs, seeds drawn and inputs copied and checked on
+every call: ``cuda-graph`` rows call ``portraits`` (prompt -> portrait as one graph, the geometry on a
+second stream), ``cuda-graphs encode+render`` rows encode, then render, as task=generate does (it
+encodes each prompt once for all of its portraits). TF32 and bf16 autocast (the mapping MLP and volume compositing stay float32 by design;
 synthesis/SR bf16 follow the backbone's flags).
 
 Targets (DESIGN.md sec. 8, H100): <= 5 ms at batch 1, >= 800 portraits/s at batch 32; the paper reports
@@ -139,16 +140,22 @@ def main(argv: list[str] | None = None) -> None:
                 cpu_cond = {k: v.cpu() for k, v in cond.items() if k != "alpha"}
                 seeds = list(range(batch))
 
-                def graphed(texts=texts, engine=engine, cpu_cond=cpu_cond, seeds=seeds, precision=precision):
+                def one_graph(texts=texts, engine=engine, cpu_cond=cpu_cond, seeds=seeds, precision=precision):
+                    with torch.inference_mode(), precision_context(precision, device):
+                        return engine.portraits(texts, seeds, cpu_cond, 1.0)["image"]
+
+                def two_graphs(texts=texts, engine=engine, cpu_cond=cpu_cond, seeds=seeds, precision=precision):
                     with torch.inference_mode(), precision_context(precision, device):
                         return engine.render(seeds, cpu_cond, engine.encode(texts), 1.0)["image"]
 
-                graphed()  # captures (after eager warm-up calls, which compile what --compile compiles)
-                if engine.graph_failure or not engine.graphs_used():
-                    print(f"no cuda-graph row for batch {batch} {precision}: {engine.graph_failure}", file=sys.stderr)
-                    continue
-                run(f"text->portrait {precision} cuda-graph", graphed, batch, precision,
-                    {**extra, "part": "full", "cuda_graphs": True, "path": "TextToPortrait"})
+                for label, fn, path in (("cuda-graph", one_graph, "TextToPortrait.portraits"),
+                                        ("cuda-graphs encode+render", two_graphs, "TextToPortrait.encode+render")):
+                    fn()  # captures (after eager warm-up calls, which compile what --compile compiles)
+                    if engine.graph_failure or not engine.graphs_used():
+                        print(f"no {label} row for batch {batch} {precision}: {engine.graph_failure}", file=sys.stderr)
+                        break
+                    run(f"text->portrait {precision} {label}", fn, batch, precision,
+                        {**extra, "part": "full", "cuda_graphs": True, "path": path})
 
     out = args.out or Path(__file__).parent / "results" / f"bench_generate-{device.type}.json"
     report(results, title=f"text -> portrait ({name}, {arch} text tower, deformation "

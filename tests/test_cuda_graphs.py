@@ -105,3 +105,29 @@ def test_host_inputs_are_staged_and_non_finite_inputs_named():
     with pytest.raises(UserError, match="^non-finite values in w$"):
         graphed(x, bad_w, names=("x", "w"))
     assert torch.allclose(graphed(x, w, names=("x", "w"))["y"], outs[-1])  # and it goes on
+
+
+def mixed(x: torch.Tensor, flip: torch.Tensor, idx: torch.Tensor, half: torch.Tensor, w: torch.Tensor):
+    picked = torch.where(flip[:, None], -x, x)[:, idx]
+    return {"y": picked @ w[: idx.numel()] + half.float().sum()}
+
+
+@cuda
+def test_host_inputs_of_mixed_dtypes_travel_in_one_packed_copy():
+    """Host inputs of several dtypes and odd byte sizes (float32, bool, int64, bf16) share one pinned
+    buffer and one copy per replay: every replay equals the direct call for new values of each."""
+    graphed = GraphedFunction(mixed, device="cuda", check_finite=True)
+    w = torch.randn(8, 3, device="cuda")
+    results = []
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        inputs = (torch.randn(3, 5, generator=gen), torch.rand(3, generator=gen) > 0.5,
+                  torch.randperm(5, generator=gen)[:3], torch.randn(7, generator=gen).bfloat16())
+        out = graphed(*inputs, w)["y"]
+        assert torch.allclose(out, mixed(*(x.cuda() for x in inputs), w)["y"], atol=1e-6)
+        results.append(out)
+    assert len(graphed) == 1 and not torch.equal(results[0], results[1])
+    bad = inputs[3].clone()
+    bad[6] = float("nan")  # bf16 on the host: checked without numpy
+    with pytest.raises(UserError, match="input 3"):
+        graphed(*inputs[:3], bad, w)

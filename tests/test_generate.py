@@ -126,14 +126,37 @@ def test_the_cuda_graph_switch_changes_nothing_on_a_cpu(chain, system):
     a = plain.render(SEEDS, cond, plain.encode(PROMPTS), 0.5)["image"]
     b = switched.render(SEEDS, cond, switched.encode(PROMPTS), 0.5)["image"]
     assert torch.equal(a, b) and not switched.graphs_used()
+    # prompt -> portrait in one call: the same embeddings and images as encode, then render
+    one_call = switched.portraits(PROMPTS, SEEDS, cond, 0.5)
+    assert torch.equal(one_call["image"], a) and torch.equal(one_call["embedding"], plain.encode(PROMPTS))
+    with pytest.raises(ValueError, match="one prompt per seed"):
+        plain.portraits(PROMPTS[:1], SEEDS, cond, 0.5)
     with pytest.raises(UserError, match="alpha > 0 needs a CLIP embedding"):
         plain.render(SEEDS, cond, None, 0.5)
 
 
+def test_a_text_copy_is_the_text_tower_alone_in_its_own_dtype(chain):
+    """ClipEncoder.text_copy: the model without its image tower, cast, detached from later weight
+    changes; its embeddings match the model's to the cast's precision (the engine's bf16 text tower)."""
+    from clipportrait.lvlm import build_clip
+
+    clip = build_clip(compose(chain["root"], *generate_args(chain)).lvlm)
+    tokens = clip.tokenize(PROMPTS)
+    copied = clip.text_copy(torch.bfloat16)
+    assert copied.visual is None and clip.model.visual is not None
+    assert {p.dtype for p in copied.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in clip.model.parameters()} == {torch.float32}
+    full, cast = clip.encode_tokens(tokens), clip.encode_tokens(tokens, model=copied)
+    assert cast.dtype == torch.float32 and 0 < (cast - full).abs().max() < 3e-2
+    with torch.no_grad():
+        next(clip.model.parameters()).add_(1.0)
+    assert torch.equal(clip.encode_tokens(tokens, model=copied), cast)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_replays_equal_the_eager_engine(chain, system):
-    """With cuda_graphs, text encoding and generation are replayed from graphs captured at the first
-    call of a batch size; later calls with other prompts, seeds, cameras, expressions and alpha give
+    """With cuda_graphs, text encoding and generation (apart, or prompt -> portrait as one graph) are
+    replayed from graphs captured at the first call of a batch size; later calls with other prompts, seeds, cameras, expressions and alpha give
     what the eager engine gives, and a non-finite input is refused (a host one before a replay, a
     device one by the graph's own check)."""
     import copy
@@ -151,10 +174,17 @@ def test_cuda_graph_replays_equal_the_eager_engine(chain, system):
         assert torch.allclose(text_g, text_e, atol=1e-6)
         cond = {"camera": view_labels(yaw, 5.0).expand(2, -1), **morph.rows(rows)}
         a, b = eager.render(seeds, cond, text_e, alpha), graphed.render(seeds, cond, text_g, alpha)
+        c = graphed.portraits(prompts, seeds, cond, alpha)  # text tower and generator in one graph
+        assert torch.allclose(c["embedding"], text_e, atol=1e-6)
         for key in ("image", "image_depth", "image_alpha"):
             assert torch.allclose(a[key], b[key], atol=1e-5), key
+            assert torch.allclose(a[key], c[key], atol=1e-5), key
     assert graphed.graphs_used() and graphed.graph_failure is None
-    assert len(graphed._graphs["portrait"]) == 1 and len(graphed._graphs["text"]) == 1
+    assert [len(graphed._graphs[k]) for k in ("portrait", "text", "prompt_portrait")] == [1, 1, 1]
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # the text tower on the engine's bf16 copy, autocast off
+        text_bf16 = graphed.encode(prompts)
+    direct = clip.encode_tokens(clip.tokenize(prompts).cuda(), model=graphed._text_bf16)
+    assert torch.allclose(text_bf16, direct, atol=1e-6) and 0 < (text_bf16 - text_e).abs().max() < 3e-2
     bad = {**cond, "camera": cond["camera"].clone()}
     bad["camera"][1, 3] = float("nan")
     with pytest.raises(UserError, match="camera"):

@@ -86,6 +86,34 @@ def test_identity_deformer_matches_no_deformer_and_translation_matches_shifted_r
         G.render(ws, origins, dirs, lambda p: p[:, :10], noise_mode="const", perturb=False)
 
 
+def test_coarse_points_mapped_beforehand_give_the_same_render(tiny):
+    """The coarse pass's points mapped ahead of the render (``coarse_points``, what an inference render
+    queues beside the tri-plane synthesis) give the very render of mapping them inside it; the
+    deformer then sees only the importance pass. Perturbed depths or a wrong shape are refused."""
+    g_cfg, _, G, _ = tiny
+    torch.manual_seed(4)
+    ws = G.mapping(torch.randn(2, g_cfg.z_dim))
+    origins, dirs = ray_bundle(_labels(2), g_cfg.neural_rendering_resolution)
+    shift = torch.tensor([0.05, -0.03, 0.02])
+    seen = []
+
+    def deformer(p):
+        seen.append(p.shape[1])
+        return p * 0.9 + shift
+
+    inside = G.render(ws, origins, dirs, deformer, noise_mode="const", perturb=False)
+    coarse = G.coarse_points(origins, dirs, deformer)
+    seen.clear()
+    ahead = G.render(ws, origins, dirs, deformer, noise_mode="const", perturb=False, coarse_mapped=coarse)
+    for key in inside:
+        torch.testing.assert_close(ahead[key], inside[key], atol=0, rtol=0)
+    assert seen == [origins.shape[1] * g_cfg.importance_samples]
+    with pytest.raises(ValueError, match="coarse_mapped"):
+        G.render(ws, origins, dirs, deformer, noise_mode="const", perturb=True, coarse_mapped=coarse)
+    with pytest.raises(ValueError, match="coarse_mapped"):
+        G.render(ws, origins, dirs, deformer, noise_mode="const", perturb=False, coarse_mapped=coarse[:, 1:])
+
+
 def test_surface_field_deformation_with_equal_meshes_is_identity(tiny):
     """Bound to the procedural head's simplified mesh with observation == canonical, the real
     SurfaceFieldDeformation (eq. 5) leaves the render unchanged (to float tolerance)."""

@@ -7,12 +7,15 @@ measured per call (``LatencyMeter``: the host clock on CPUs, CUDA events on GPUs
 prompt (text encoding) and per image (generation).
 
 The engine freezes the generator's weights (``nn.layers.freeze_weights``): the folded up-sampling
-kernels, casts and demodulation sums are computed once, not per call, so an engine serves the
-weights it was built with.
+kernels, casts and demodulation sums are computed once, not per call; on CUDA it keeps a bf16 copy of
+the text tower for bf16 autocast. So an engine serves the weights it was built with.
 
 With ``cuda_graphs`` (on CUDA) the text tower and the generator each run as a CUDA graph captured
-once per batch size (``utils.cuda_graphs``): the same kernels, launched by one call instead of
-several hundred, which is what bounds a small batch. Host inputs (tokens, latents, conditioning) are
+once per batch size (``utils.cuda_graphs``), or both as one (``portraits``: prompt i -> portrait i):
+the same kernels, launched by one call instead of several hundred, which is what bounds a small
+batch. On CUDA the render's geometry (meshes, rays, the deformation's grid and the coarse pass's
+points, ``Stage1GAN.prepare_rays``) is queued on a second stream, so it runs beside the text tower,
+mapping and tri-plane synthesis. Host inputs (tokens, latents, conditioning) are
 copied without blocking the host, and every replay's inputs are checked for non-finite values (the
 checks inside the graphs cannot run there).
 """
@@ -91,13 +94,19 @@ class TextToPortrait:
         dtypes = (next(system.G_ema.parameters()).dtype,) + ((torch.bfloat16,) if device.type == "cuda" else ())
         freeze_weights(system.G_ema, dtypes)
         self.clip = clip
+        # bf16 autocast on CUDA: the text tower runs on a bf16 copy (autocast would cast every weight per call)
+        self._text_bf16 = clip.text_copy(torch.bfloat16) if clip.device.type == "cuda" else None
         self.gap = gap.to(clip.device) if gap is not None else None
         self.truncation_psi = float(truncation_psi)
         self.latency = LatencyMeter()
         self.cuda_graphs = bool(cuda_graphs)
         self.graph_failure: str | None = None  # why capturing failed (the engine then runs eagerly)
         self._graphs = {"text": GraphedFunction(self._embed_tokens, device=clip.device, check_finite=True),
-                        "portrait": GraphedFunction(self._portrait, device=device, check_finite=True)}
+                        "portrait": GraphedFunction(self._portrait, device=device, check_finite=True),
+                        "prompt_portrait": GraphedFunction(self._prompt_portrait, device=device, check_finite=True)}
+        # The render's geometry (meshes, rays, deformation grid, coarse points) runs on this stream beside
+        # the text tower, mapping and synthesis, which leave a small batch's GPU mostly idle.
+        self._geometry_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def graphs_used(self) -> bool:
         """Whether any call so far was replayed from a CUDA graph."""
@@ -118,18 +127,35 @@ class TextToPortrait:
         return graphed.fn(*(x.to(device) for x in inputs.values()))
 
     def _embed_tokens(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        embeddings = self.clip.encode_tokens(tokens)
+        kind = tokens.device.type
+        if self._text_bf16 is not None and torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16:
+            with torch.autocast(kind, enabled=False):
+                embeddings = self.clip.encode_tokens(tokens, model=self._text_bf16)
+        else:
+            embeddings = self.clip.encode_tokens(tokens)
         return {"embedding": self.gap.apply(embeddings) if self.gap is not None else embeddings}
 
     def _portrait(self, z: torch.Tensor, camera: torch.Tensor, shape: torch.Tensor, expression: torch.Tensor,
                   pose: torch.Tensor, flip: torch.Tensor, alpha: torch.Tensor,
                   embedding: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         cond = {"camera": camera, "shape": shape, "expression": expression, "pose": pose, "flip": flip}
+        rays = self.system.prepare_rays(cond, self.system.G_ema, self._geometry_stream)  # queued first: overlaps
         if embedding is not None:  # (without one, alpha is 0: checked by ``render``)
             cond.update(clip_embedding=embedding, alpha=alpha)
         out = self.system.generate(z, cond, G=self.system.G_ema, noise_mode="const",
-                                   truncation_psi=self.truncation_psi)
+                                   truncation_psi=self.truncation_psi, rays=rays)
         return {k: out[k] for k in OUTPUT_KEYS}
+
+    def _prompt_portrait(self, tokens: torch.Tensor, z: torch.Tensor, camera: torch.Tensor, shape: torch.Tensor,
+                         expression: torch.Tensor, pose: torch.Tensor, flip: torch.Tensor,
+                         alpha: torch.Tensor) -> dict[str, torch.Tensor]:
+        cond = {"camera": camera, "shape": shape, "expression": expression, "pose": pose, "flip": flip}
+        rays = self.system.prepare_rays(cond, self.system.G_ema, self._geometry_stream)  # beside the text tower
+        embedding = self._embed_tokens(tokens)["embedding"]
+        cond.update(clip_embedding=embedding, alpha=alpha)
+        out = self.system.generate(z, cond, G=self.system.G_ema, noise_mode="const",
+                                   truncation_psi=self.truncation_psi, rays=rays)
+        return {"embedding": embedding, **{k: out[k] for k in OUTPUT_KEYS}}
 
     @property
     def device(self) -> torch.device:
@@ -149,19 +175,41 @@ class TextToPortrait:
                alpha: float | torch.Tensor) -> dict[str, torch.Tensor]:
         """Portraits for ``seeds`` (B) under ``cond`` (camera + morphable parameters, B rows) and text
         ``embedding`` ((B,D), or None with alpha 0: the unconditional Stage-1 portrait): ``OUTPUT_KEYS``."""
-        device = self.device
+        inputs = self._inputs(seeds, cond, alpha, with_text=embedding is not None)
+        if embedding is not None:
+            inputs["embedding"] = embedding
+        with self.latency.measure("generation", len(seeds), self.device):
+            return self._run("portrait", inputs, self.device)
+
+    @torch.no_grad()
+    def portraits(self, prompts: Sequence[str], seeds: Sequence[int], cond: dict[str, torch.Tensor],
+                  alpha: float | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Prompt i -> the portrait of seed i under row i of ``cond``, in one call: text tower, T_G,
+        synthesis and render run as one CUDA graph (with ``cuda_graphs``), the meshes and the
+        deformation beside the text tower. ``OUTPUT_KEYS`` plus each prompt's ``embedding``. For many
+        portraits of one prompt, ``encode`` it once and ``render``."""
+        prompts = list(prompts)
+        if len(prompts) != len(seeds):
+            raise ValueError(f"portraits: {len(prompts)} prompts for {len(seeds)} seeds; expected one prompt per seed")
+        if self.clip.device != self.device:  # the text tower elsewhere: its own graph, then the portrait's
+            embedding = self.encode(prompts)
+            return {"embedding": embedding, **self.render(seeds, cond, embedding, alpha)}
+        inputs = {"tokens": self.clip.tokenize(prompts), **self._inputs(seeds, cond, alpha, with_text=True)}
+        with self.latency.measure("text_to_portrait", len(seeds), self.device):
+            return self._run("prompt_portrait", inputs, self.device)
+
+    def _inputs(self, seeds: Sequence[int], cond: dict[str, torch.Tensor], alpha: float | torch.Tensor,
+                with_text: bool) -> dict[str, torch.Tensor]:
+        """The portrait inputs z, ``COND_KEYS`` and alpha (B,), where the caller has them (host or
+        device; ``_run`` moves them)."""
         missing = [k for k in COND_KEYS if k not in cond]
         if missing:
             raise KeyError(f"conditioning: missing {missing} (have {sorted(cond)})")
-        # Inputs stay where the caller has them (host or device); ``_run`` moves them.
         inputs = {"z": torch.stack([latent(s, self.system.cfg.backbone.z_dim) for s in seeds])}
         inputs.update({k: cond[k] for k in COND_KEYS})
-        if embedding is None:  # Stage 2's own check, here on the host (a graph cannot hold it)
+        if not with_text:  # Stage 2's own check, here on the host (a graph cannot hold it)
             self.system.alpha_of({"alpha": alpha}, len(seeds), torch.device("cpu"))
         # alpha as a (B,) tensor: a graph replays any value; 0 without an embedding (Stage 1's portrait)
         alpha = torch.as_tensor(alpha, dtype=torch.float32)
         inputs["alpha"] = alpha.expand(len(seeds)).contiguous() if alpha.ndim == 0 else alpha
-        if embedding is not None:
-            inputs["embedding"] = embedding
-        with self.latency.measure("generation", len(seeds), device):
-            return self._run("portrait", inputs, device)
+        return inputs

@@ -16,6 +16,7 @@ holds embeddings (text cache keys, canonicalisation manifests, metrics protocols
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -173,10 +174,22 @@ class ClipEncoder:
         return self.tokenizer(list(texts))
 
     @torch.no_grad()
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    def encode_tokens(self, tokens: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
         """(B,D) float32 L2-normalised embeddings of token ids on the model's device (no host work, so it
-        can be captured in a CUDA graph)."""
-        return self.model.encode_text(tokens, normalize=True).float()
+        can be captured in a CUDA graph); ``model``: a copy of the model to run instead (``text_copy``)."""
+        return (self.model if model is None else model).encode_text(tokens, normalize=True).float()
+
+    def text_copy(self, dtype: torch.dtype) -> torch.nn.Module:
+        """A copy of the model without its image tower, cast to ``dtype``, for ``encode_tokens``: an
+        inference engine's text tower in bf16 runs on bf16 weights instead of casting every weight on
+        every call as autocast does. A copy: later changes to the model's weights do not reach it."""
+        visual = self.model.visual
+        self.model.visual = None  # not copied (the text tower never uses it)
+        try:
+            copied = copy.deepcopy(self.model)
+        finally:
+            self.model.visual = visual
+        return copied.to(dtype).eval().requires_grad_(False)
 
 
 # --- resolving weights ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from torch import nn
 
 from clipportrait.nn.config import BackboneConfig
 from clipportrait.nn.mapping import MappingNetwork
-from clipportrait.nn.renderer import render_rays
+from clipportrait.nn.renderer import render_rays, sample_points, stratified_depths
 from clipportrait.nn import triplane_triton
 from clipportrait.nn.compiled import eager_only, maybe_compiled, wanted
 from clipportrait.nn.superres import SuperResolution
@@ -59,7 +59,8 @@ class TriplaneGenerator(nn.Module):
         return img.reshape(img.shape[0], 3, c, r, r)
 
     def field(self, planes: torch.Tensor, deformer: Deformer | None = None):
-        """The radiance field of ``planes``: observation-space points -> (features, raw density).
+        """The radiance field of ``planes``: observation-space points -> (features, raw density);
+        ``mapped=True``: points already taken through ``deformer`` (canonical space).
 
         On CUDA (``cuda_fast_path``) the plane lookup is the fused Triton kernel on channels-last
         planes, converted once here for every query of this render; the PyTorch lookup serves CPUs
@@ -69,8 +70,8 @@ class TriplaneGenerator(nn.Module):
         if deformer is not None and wanted(self.cfg.compile, planes):  # the render is compiled
             deformer = eager_only(deformer)
 
-        def query(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            if deformer is not None:
+        def query(points: torch.Tensor, mapped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            if deformer is not None and not mapped:
                 deformed = deformer(points)
                 if deformed.shape != points.shape:
                     raise ValueError(
@@ -98,11 +99,18 @@ class TriplaneGenerator(nn.Module):
         deformer: Deformer | None = None,
         noise_mode: str = "random",
         perturb: bool | None = None,
+        coarse_mapped: torch.Tensor | None = None,
+        coarse_ready: torch.cuda.Event | None = None,
     ) -> dict[str, torch.Tensor]:
         """Render from explicit rays (B, r*r, 3) (ray k = row k // r, column k % r) and super-resolve.
 
         Returns image (B, 3, H, W), image_raw (B, 3, r, r), image_depth / image_alpha (B, 1, r, r),
         feature_image (B, C, r, r); images in [-1, 1] nominal range, float32.
+
+        ``coarse_mapped``: ``coarse_points(origins, dirs, deformer)`` computed beforehand (no
+        ``perturb``); when it was made on another CUDA stream, ``coarse_ready`` is an event recorded
+        there after it (and after the deformer's first call, which builds its grid): the render waits
+        for it only once the tri-plane is synthesised, so the two overlap.
         """
         cfg = self.cfg
         batch, rays, _ = origins.shape
@@ -114,9 +122,11 @@ class TriplaneGenerator(nn.Module):
             )
         perturb = self.training if perturb is None else perturb
         planes = self.planes(ws, noise_mode)
+        if coarse_ready is not None:
+            torch.cuda.current_stream(planes.device).wait_event(coarse_ready)
         out = maybe_compiled(render_rays, cfg.compile, origins)(
             self.field(planes, deformer), origins, dirs, cfg.depth_samples, cfg.importance_samples,
-            cfg.ray_start, cfg.ray_end, perturb=perturb, density_bias=cfg.density_bias,
+            cfg.ray_start, cfg.ray_end, perturb=perturb, density_bias=cfg.density_bias, coarse_mapped=coarse_mapped,
         )
 
         def to_image(t: torch.Tensor) -> torch.Tensor:
@@ -133,6 +143,15 @@ class TriplaneGenerator(nn.Module):
             "image_alpha": to_image(out["alpha"]),
             "feature_image": feature_image,
         }
+
+    def coarse_points(self, origins: torch.Tensor, dirs: torch.Tensor, deformer: Deformer | None = None) -> torch.Tensor:
+        """The coarse pass's sample points (B, R*S, 3) of unperturbed rays, through ``deformer``:
+        ``render``'s ``coarse_mapped``. They depend on the rays and the mesh only, not on the tri-plane."""
+        cfg = self.cfg
+        depths = stratified_depths(origins.shape[0], origins.shape[1], cfg.depth_samples, cfg.ray_start, cfg.ray_end,
+                                   False, origins.device)
+        points = sample_points(origins, dirs, depths)
+        return deformer(points) if deformer is not None else points
 
     def synthesis(
         self,

@@ -10,7 +10,8 @@ field is evaluated at both sets, the union is sorted and composited with the mid
 
 Depth is the weight-normalised mean of the interval mid-points and ``alpha`` the sum of weights
 (1 - transmittance through the whole ray). The field is a callable so deformation (eq. 4) can be
-composed in front of the tri-plane lookup by the caller.
+composed in front of the tri-plane lookup by the caller; ``field(points, mapped=True)`` takes points
+already mapped (``render_rays``'s ``coarse_mapped``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-Field = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Field = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # points (B, N, 3) -> (features, raw density)
 
 
 def stratified_depths(
@@ -123,10 +124,19 @@ def importance_depths(depths: torch.Tensor, weights: torch.Tensor, num_samples: 
     return samples.reshape(batch, rays, num_samples, 1)
 
 
-def _evaluate(field: Field, origins: torch.Tensor, dirs: torch.Tensor, depths: torch.Tensor):
+def sample_points(origins: torch.Tensor, dirs: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
+    """Points (B, R*S, 3) at ``depths`` (B, R, S, 1) along rays (B, R, 3), ray-major: what a field sees."""
     batch, rays, samples, _ = depths.shape
-    points = origins.unsqueeze(2) + dirs.unsqueeze(2) * depths  # (B, R, S, 3)
-    features, raw_density = field(points.reshape(batch, rays * samples, 3))
+    return (origins.unsqueeze(2) + dirs.unsqueeze(2) * depths).reshape(batch, rays * samples, 3)
+
+
+def _evaluate(field: Field, origins: torch.Tensor, dirs: torch.Tensor, depths: torch.Tensor,
+              mapped: torch.Tensor | None = None):
+    batch, rays, samples, _ = depths.shape
+    if mapped is None:
+        features, raw_density = field(sample_points(origins, dirs, depths))
+    else:
+        features, raw_density = field(mapped, mapped=True)
     return features.reshape(batch, rays, samples, -1), raw_density.reshape(batch, rays, samples, 1)
 
 
@@ -140,20 +150,29 @@ def render_rays(
     ray_end: float,
     perturb: bool = True,
     density_bias: float = -1.0,
+    coarse_mapped: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Render rays (B, R, 3) through ``field``: stratified + importance passes, then composite.
 
     The coarse pass's weights only place the importance samples (no gradient, as in EG3D). The union
     of both passes is composited in depth order; only depths and densities are sorted: the per-sample
     weights are put back in evaluation order and the features summed there (``sample_weights``), which
-    spares sorting and concatenating the (B, R, S, C) feature tensors."""
+    spares sorting and concatenating the (B, R, S, C) feature tensors.
+
+    ``coarse_mapped``: the coarse pass's points (``sample_points`` of the unperturbed stratified
+    depths) already taken through the field's point mapping (the deformation of eq. 4), e.g. on another
+    CUDA stream while the tri-plane was synthesised; the field is then called as
+    ``field(coarse_mapped, mapped=True)`` for that pass. Only without ``perturb`` (the depths are fixed)."""
     if origins.ndim != 3 or origins.shape[-1] != 3 or dirs.shape != origins.shape:
         raise ValueError(
             f"origins {tuple(origins.shape)}, dirs {tuple(dirs.shape)}: expected matching (B, R, 3) tensors"
         )
     batch, rays, _ = origins.shape
+    if coarse_mapped is not None and (perturb or coarse_mapped.shape != (batch, rays * num_coarse, 3)):
+        raise ValueError(f"coarse_mapped {tuple(coarse_mapped.shape)}: expected ({batch}, {rays * num_coarse}, 3), "
+                         "and perturb=False (mapped coarse points belong to the fixed stratified depths)")
     depths = stratified_depths(batch, rays, num_coarse, ray_start, ray_end, perturb, origins.device)
-    features, raw_density = _evaluate(field, origins, dirs, depths)
+    features, raw_density = _evaluate(field, origins, dirs, depths, coarse_mapped)
     if num_importance == 0:
         return composite(depths, features, raw_density, density_bias)
     with torch.no_grad():

@@ -54,6 +54,18 @@ BUNDLE_META = "bundle.json"  # marks an inference bundle directory (systems/bund
 
 
 @dataclass
+class PreparedRays:
+    """``Stage1GAN.prepare_rays``: what a render takes from its conditioning alone."""
+
+    obs: torch.Tensor  # observation vertices (B, V, 3)
+    origins: torch.Tensor  # camera rays (B, r*r, 3)
+    dirs: torch.Tensor
+    deformer: Callable[[torch.Tensor], torch.Tensor] | None  # D of eq. 4 bound to the meshes
+    coarse_mapped: torch.Tensor  # the coarse pass's points through the deformer (B, r*r*S, 3)
+    ready: torch.cuda.Event | None = None  # recorded after the work when it was queued on another stream
+
+
+@dataclass
 class OptimConfig:
     """Adam for G and D (paper appendix B: lr 0.001 for both, EG3D's betas (0, 0.99))."""
 
@@ -201,23 +213,52 @@ class Stage1GAN(L.LightningModule):
         return self.D(image, raw, rdr, cond["camera"], blur_sigma=blur_sigma)
 
     def generate(self, z: torch.Tensor, cond: Cond, G=None, update_emas: bool = False, noise_mode: str = "random",
-                 truncation_psi: float = 1.0, with_rdr: bool = False) -> dict[str, torch.Tensor]:
-        """Render fakes for latents z under the conditioning ``cond`` (camera + morphable parameters)."""
+                 truncation_psi: float = 1.0, with_rdr: bool = False,
+                 rays: PreparedRays | None = None) -> dict[str, torch.Tensor]:
+        """Render fakes for latents z under the conditioning ``cond`` (camera + morphable parameters);
+        ``rays``: see ``synthesize``."""
         G = self.G if G is None else G
         ws = self.mapping(z, cond, G=G, update_emas=update_emas, truncation_psi=truncation_psi)
-        return self.synthesize(ws, cond, G=G, noise_mode=noise_mode, with_rdr=with_rdr)
+        return self.synthesize(ws, cond, G=G, noise_mode=noise_mode, with_rdr=with_rdr, rays=rays)
 
     def synthesize(self, ws: torch.Tensor, cond: Cond, G=None, noise_mode: str = "random",
-                   with_rdr: bool = False) -> dict[str, torch.Tensor]:
+                   with_rdr: bool = False, rays: PreparedRays | None = None) -> dict[str, torch.Tensor]:
         """Render style vectors ``ws`` (B, num_ws, w_dim) under ``cond``: tri-plane, deformation to the
-        canonical space of each sample's mesh (eq. 4-5), volume rendering (eq. 3), super-resolution."""
+        canonical space of each sample's mesh (eq. 4-5), volume rendering (eq. 3), super-resolution.
+        ``rays``: ``prepare_rays(cond)``, made beforehand (inference: unperturbed depths)."""
         G = self.G if G is None else G
-        obs = self.geometry.observation(cond)
-        out = G.synthesis(ws, cond["camera"], deformer=self.geometry.deformer(obs), noise_mode=noise_mode)
+        if rays is None:
+            obs = self.geometry.observation(cond)
+            out = G.synthesis(ws, cond["camera"], deformer=self.geometry.deformer(obs), noise_mode=noise_mode)
+        else:
+            obs = rays.obs
+            out = G.render(ws, rays.origins, rays.dirs, rays.deformer, noise_mode, perturb=False,
+                           coarse_mapped=rays.coarse_mapped, coarse_ready=rays.ready)
         out["ws"] = ws
         if with_rdr:
             out["rdr"] = self.mesh_render(obs, cond["camera"])
         return out
+
+    def prepare_rays(self, cond: Cond, G=None, stream: torch.cuda.Stream | None = None) -> PreparedRays:
+        """The part of an inference render that needs the conditioning but not w: observation meshes,
+        camera rays, the deformation bound to the meshes (its grid built) and the coarse pass's points
+        mapped to canonical space (unperturbed depths). With ``stream`` (CUDA) the work is queued there
+        after what the current stream has queued, and ``ready`` marks its end: it then runs beside the
+        mapping and the tri-plane synthesis, which leave a small batch's GPU mostly idle."""
+        from ..geometry.cameras import ray_bundle  # owned by the geometry package
+
+        G = self.G if G is None else G
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))
+            with torch.cuda.stream(stream):
+                rays = self.prepare_rays(cond, G)
+                rays.ready = torch.cuda.Event()
+                rays.ready.record(stream)
+            return rays
+        obs = self.geometry.observation(cond)
+        deformer = self.geometry.deformer(obs)
+        origins, dirs = ray_bundle(cond["camera"], G.cfg.neural_rendering_resolution)
+        return PreparedRays(obs, origins, dirs, deformer, G.coarse_points(origins, dirs, deformer))
 
     @torch.no_grad()
     def generate_images(self, z: torch.Tensor, cond: Cond, truncation_psi: float = 1.0) -> torch.Tensor:

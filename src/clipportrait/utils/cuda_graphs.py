@@ -9,8 +9,8 @@ the launches once and replays them with one call.
 dtypes, devices, grad and autocast state): warm-up calls run eagerly on a side stream (they compile
 what ``backbone.compile`` compiles and run every check of the eager path on the real shapes), then
 one call is captured. A replay copies the inputs into the captured ones and returns copies of the
-outputs, so results stay valid after the next call. Inputs may live on the host: they go through
-pinned staging buffers with copies that do not block the host (a plain host-to-device copy waits for
+outputs, so results stay valid after the next call. Inputs may live on the host: they are packed into
+one pinned staging buffer and go over in one copy that does not block the host (a plain host-to-device copy waits for
 all queued GPU work, which would serialise the host's preparation of a call with the previous one).
 
 Checks that read device values back to the host (non-finite camera labels or morphable parameters)
@@ -28,6 +28,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..errors import UserError
@@ -46,13 +47,21 @@ def host_checks() -> bool:
 def check_finite(inputs: dict[str, torch.Tensor]) -> None:
     """UserError naming every floating-point input with non-finite values (one host sync when all are fine)."""
     floats = {k: v for k, v in inputs.items() if v.is_floating_point()}
-    bad = []
-    for device in {v.device for v in floats.values()}:  # inputs may be spread over host and device
+    bad = [k for k, v in floats.items() if v.device.type == "cpu" and not _finite_on_host(v)]
+    for device in {v.device for v in floats.values() if v.device.type != "cpu"}:  # inputs may be spread out
         names = [k for k, v in floats.items() if v.device == device]
         flags = torch.stack([~torch.isfinite(floats[k]).all() for k in names]).tolist()
         bad += [k for k, flag in zip(names, flags) if flag]
     if bad:
         _refuse([k for k in floats if k in bad])
+
+
+def _finite_on_host(x: torch.Tensor) -> bool:
+    """Whether a CPU tensor is all finite: through numpy where it can (a few microseconds: this runs
+    before every replay of a small batch)."""
+    if x.dtype in (torch.float16, torch.float32, torch.float64):
+        return bool(np.isfinite(x.detach().numpy()).all())
+    return bool(torch.isfinite(x).all())
 
 
 def _refuse(names: list[str]) -> None:
@@ -78,6 +87,22 @@ def _restore_random_state(device: torch.device) -> None:
         torch.empty(1, device=device).fill_(0.0)
 
 
+def _packed_buffers(host: list[torch.Tensor], device: torch.device):
+    """One pinned host buffer and one device buffer of bytes holding all ``host`` tensors, each at a
+    16-byte aligned offset, and per tensor its (pinned, device) views: a replay's host inputs then
+    travel in one copy instead of one each. (None, []) without host tensors."""
+    if not host:
+        return None, []
+    sizes = [x.numel() * x.element_size() for x in host]
+    offsets = [sum(-(-n // 16) * 16 for n in sizes[:i]) for i in range(len(sizes))]
+    total = max(offsets[-1] + sizes[-1], 1)
+    pinned = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    on_device = torch.empty(total, dtype=torch.uint8, device=device)
+    views = [tuple(buf[o:o + n].view(x.dtype).view(x.shape) for buf in (pinned, on_device))
+             for x, o, n in zip(host, offsets, sizes)]
+    return (pinned, on_device), views
+
+
 class GraphCaptureError(RuntimeError):
     """The function could not be captured (it synchronises with the host or does something else a
     CUDA graph cannot hold); it still works when called directly."""
@@ -88,7 +113,8 @@ class _Captured:
     graph: torch.cuda.CUDAGraph
     inputs: tuple[torch.Tensor, ...]
     outputs: dict[str, torch.Tensor]
-    staging: tuple[torch.Tensor | None, ...]  # pinned host buffers of the inputs given on the host
+    staging: tuple[torch.Tensor | None, ...]  # views of ``packed[0]`` for the inputs given on the host
+    packed: tuple[torch.Tensor, torch.Tensor] | None  # pinned host bytes -> device bytes: one copy per replay
     checked: tuple[int, ...]  # device inputs whose finiteness the graph reports
     copied: torch.cuda.Event  # the last replay's host-to-device copies are done: staging is free
 
@@ -123,9 +149,16 @@ class GraphedFunction:
         return len(self._graphs)
 
     def _capture(self, inputs: tuple[torch.Tensor, ...], device: torch.device) -> _Captured:
-        static = tuple(x.detach().to(device, copy=True) for x in inputs)
-        staging = tuple(torch.empty(x.shape, dtype=x.dtype, pin_memory=True) if not x.is_cuda else None
-                        for x in inputs)
+        packed, views = _packed_buffers([x for x in inputs if not x.is_cuda], device)
+        hosted = iter(views)
+        static, staging = [], []
+        for x in inputs:
+            pinned, on_device = next(hosted) if not x.is_cuda else (None, x.detach().to(device, copy=True))
+            if pinned is not None:
+                on_device.copy_(x)
+            static.append(on_device)
+            staging.append(pinned)
+        static, staging = tuple(static), tuple(staging)
         checked = tuple(i for i, x in enumerate(inputs) if x.is_cuda and x.is_floating_point()) \
             if self.check_finite else ()
 
@@ -149,7 +182,7 @@ class GraphedFunction:
             _restore_random_state(device)
             raise GraphCaptureError(f"capturing {getattr(self.fn, '__qualname__', self.fn)} failed{_where(exc)}: "
                                     f"{type(exc).__name__}: {exc}") from exc
-        return _Captured(graph, static, outputs, staging, checked, torch.cuda.Event())
+        return _Captured(graph, static, outputs, staging, packed, checked, torch.cuda.Event())
 
     def __call__(self, *inputs: torch.Tensor, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         device = self.device or next((x.device for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda), None)
@@ -169,11 +202,9 @@ class GraphedFunction:
             self._graphs.move_to_end(key)
         entry.copied.synchronize()  # the previous replay's copies have left the staging buffers
         for static, staging, x in zip(entry.inputs, entry.staging, inputs):
-            if staging is None:
-                static.copy_(x)
-            else:
-                staging.copy_(x)
-                static.copy_(staging, non_blocking=True)
+            (static if staging is None else staging).copy_(x)
+        if entry.packed is not None:
+            entry.packed[1].copy_(entry.packed[0], non_blocking=True)
         entry.copied.record()
         entry.graph.replay()
         outputs = {k: v.clone() for k, v in entry.outputs.items() if k != _NONFINITE}  # queued behind the replay
