@@ -195,6 +195,20 @@ def test_cuda_graph_replays_equal_the_eager_engine(chain, system):
         graphed.render(seeds, cond, bad_text, 1.0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 generation runs on CUDA")
+def test_bf16_generation_on_cuda_records_its_precision_and_stays_close(chain, tmp_path):
+    """task.precision=bf16 on CUDA: the same outputs as float32 to bf16's precision, recorded as bf16."""
+    runs = {}
+    for precision in ("float32", "bf16"):
+        run_dir = tmp_path / precision
+        generate.run(compose(chain["root"], *generate_args(chain, "task.device=cuda", "task.turntable=false",
+                                                           f"task.precision={precision}")), RunContext(run_dir=run_dir))
+        assert json.loads((run_dir / "generate.json").read_text())["protocol"]["precision"] == precision
+        runs[precision] = png(run_dir / "grid.png").astype(np.float64)
+    difference = np.abs(runs["bf16"] - runs["float32"])
+    assert 0 < difference.mean() < 8 and np.array_equal(runs["bf16"].shape, runs["float32"].shape)
+
+
 def test_camera_presets_round_trip_through_the_labels():
     for name, (yaw, pitch) in CAMERA_PRESETS.items():
         view = resolve_view(name)
@@ -312,6 +326,8 @@ BAD_INPUTS = {
     "task.modality_gap='median': expected one of none, mean_offset": ["task.modality_gap=median"],
     "task.turntable_frames=1: expected >= 2": ["task.turntable_frames=1"],
     "task.compile='yes': expected one of off, cuda, always": ["task.compile=yes"],
+    "task.precision='fp8': expected one of float32, bf16": ["task.precision=fp8"],
+    "task.precision=bf16 needs a CUDA device (this run's device is cpu)": ["task.precision=bf16", "task.device=cpu"],
     "is not the LVLM the checkpoint was trained with": ["lvlm.random_seed=4"],
 }
 

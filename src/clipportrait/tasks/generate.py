@@ -59,6 +59,11 @@ class Schema(TaskConfig):
     # On CUDA, replay the text tower and the generator from CUDA graphs captured once per batch size
     # (utils/cuda_graphs.py): small batches are bound by kernel launches. No effect on CPUs.
     cuda_graphs: bool = True
+    # float32 (TF32 matmuls on CUDA, torch's default) or bf16 (autocast; CUDA only): bf16 is the faster
+    # one on GPUs (benchmarks/bench_generate.py), at bf16's precision.
+    precision: str = "float32"
+
+PRECISIONS = ("float32", "bf16")
 
 
 def _check_alpha(value, key: str, allow: bool) -> float:
@@ -98,6 +103,8 @@ def validate(t: Schema) -> dict:
 
     if t.compile not in COMPILE_MODES:
         raise UserError(f"task.compile={t.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
+    if t.precision not in PRECISIONS:
+        raise UserError(f"task.precision={t.precision!r}: expected one of {', '.join(PRECISIONS)}")
     for key, value, low in (("batch_size", t.batch_size, 1), ("fps", t.fps, 1), ("turntable_frames", t.turntable_frames, 2)):
         if value < low:
             raise UserError(f"task.{key}={value}: expected >= {low}")
@@ -150,6 +157,9 @@ def run(cfg, ctx: RunContext) -> dict:
         raise UserError("task.checkpoint is not set: a Stage-2 checkpoint of task=train_stage2 "
                         "(<run>/checkpoints/last.ckpt)")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if t.device == "auto" else t.device)
+    if t.precision == "bf16" and device.type != "cuda":
+        raise UserError(f"task.precision=bf16 needs a CUDA device (this run's device is {device}); use float32")
+    precision = torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.precision == "bf16")
     clip = build_clip(dataclasses.replace(cfg.lvlm, device=str(device)))
     prompts = validate_prompts(gather_prompts(t.prompts, t.prompts_file), clip.tokenizer)
     # FLAME cannot travel inside checkpoints: its file is wherever this machine's config says.
@@ -168,7 +178,8 @@ def run(cfg, ctx: RunContext) -> dict:
                             "records none, set task.clip_cache")
         gap = ModalityGap.estimate(clip, cache, cfg.data.path)
     engine = TextToPortrait(system, clip, gap, settings["truncation_psi"], cuda_graphs=t.cuda_graphs)
-    text = engine.encode(prompts)  # (P,D)
+    with precision:
+        text = engine.encode(prompts)  # (P,D)
 
     resolution = system.cfg.backbone.img_resolution
     nr = system.cfg.backbone.neural_rendering_resolution
@@ -180,7 +191,8 @@ def run(cfg, ctx: RunContext) -> dict:
         for start in range(0, len(rows), t.batch_size):
             part = rows[start:start + t.batch_size]
             cond = {"camera": cameras[start:start + t.batch_size], **morph.rows(part)}
-            out = engine.render([seeds[i] for i in part], cond, text[prompt].expand(len(part), -1), alpha_value)
+            with precision:
+                out = engine.render([seeds[i] for i in part], cond, text[prompt].expand(len(part), -1), alpha_value)
             outs.append({k: out[k].float().cpu() for k in ("image", "image_depth", "image_alpha")})
         return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
@@ -222,7 +234,7 @@ def run(cfg, ctx: RunContext) -> dict:
         "morphable": morph.description,
         "modality_gap": gap.summary() if gap is not None else {"mode": "none"},
         "turntable": {"frames": len(yaws), "yaw_deg": t.turntable_yaw if yaws else 0.0, "fps": t.fps},
-        "resolution": resolution, "device": str(device), "batch_size": t.batch_size,
+        "resolution": resolution, "device": str(device), "batch_size": t.batch_size, "precision": t.precision,
     }
     record = {"protocol": protocol, "outputs": files,
               "latency_ms": {"text_encoding_per_prompt": latency.get("text_encoding"),
