@@ -138,24 +138,28 @@ class TextToPortrait:
     def _portrait(self, z: torch.Tensor, camera: torch.Tensor, shape: torch.Tensor, expression: torch.Tensor,
                   pose: torch.Tensor, flip: torch.Tensor, alpha: torch.Tensor,
                   embedding: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        cond = {"camera": camera, "shape": shape, "expression": expression, "pose": pose, "flip": flip}
-        rays = self.system.prepare_rays(cond, self.system.G_ema, self._geometry_stream)  # queued first: overlaps
-        if embedding is not None:  # (without one, alpha is 0: checked by ``render``)
-            cond.update(clip_embedding=embedding, alpha=alpha)
-        out = self.system.generate(z, cond, G=self.system.G_ema, noise_mode="const",
-                                   truncation_psi=self.truncation_psi, rays=rays)
-        return {k: out[k] for k in OUTPUT_KEYS}
+        cond, rays = self._geometry(camera, shape, expression, pose, flip)
+        return self._generate(z, cond, rays, alpha, embedding)  # (no embedding: alpha is 0, checked by ``render``)
 
     def _prompt_portrait(self, tokens: torch.Tensor, z: torch.Tensor, camera: torch.Tensor, shape: torch.Tensor,
                          expression: torch.Tensor, pose: torch.Tensor, flip: torch.Tensor,
                          alpha: torch.Tensor) -> dict[str, torch.Tensor]:
-        cond = {"camera": camera, "shape": shape, "expression": expression, "pose": pose, "flip": flip}
-        rays = self.system.prepare_rays(cond, self.system.G_ema, self._geometry_stream)  # beside the text tower
+        cond, rays = self._geometry(camera, shape, expression, pose, flip)  # queued before the text tower
         embedding = self._embed_tokens(tokens)["embedding"]
-        cond.update(clip_embedding=embedding, alpha=alpha)
+        return {"embedding": embedding, **self._generate(z, cond, rays, alpha, embedding)}
+
+    def _geometry(self, camera, shape, expression, pose, flip):
+        """The conditioning and its ``PreparedRays``, queued on the geometry stream (on CUDA) so they run
+        beside what the caller queues next."""
+        cond = {"camera": camera, "shape": shape, "expression": expression, "pose": pose, "flip": flip}
+        return cond, self.system.prepare_rays(cond, self.system.G_ema, self._geometry_stream)
+
+    def _generate(self, z, cond, rays, alpha, embedding) -> dict[str, torch.Tensor]:
+        if embedding is not None:
+            cond = {**cond, "clip_embedding": embedding, "alpha": alpha}
         out = self.system.generate(z, cond, G=self.system.G_ema, noise_mode="const",
                                    truncation_psi=self.truncation_psi, rays=rays)
-        return {"embedding": embedding, **{k: out[k] for k in OUTPUT_KEYS}}
+        return {k: out[k] for k in OUTPUT_KEYS}
 
     @property
     def device(self) -> torch.device:
