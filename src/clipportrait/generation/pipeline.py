@@ -94,6 +94,9 @@ class TextToPortrait:
         dtypes = (next(system.G_ema.parameters()).dtype,) + ((torch.bfloat16,) if device.type == "cuda" else ())
         freeze_weights(system.G_ema, dtypes)
         self.clip = clip
+        # Where generator and text tower run, looked up once: an engine serves the model it was built with
+        # (and a parameter walk per call is measurable host time at batch 1).
+        self._device, self._text_device = device, clip.device
         # bf16 autocast on CUDA: the text tower runs on a bf16 copy (autocast would cast every weight per call)
         self._text_bf16 = clip.text_copy(torch.bfloat16) if clip.device.type == "cuda" else None
         self.gap = gap.to(clip.device) if gap is not None else None
@@ -163,15 +166,16 @@ class TextToPortrait:
 
     @property
     def device(self) -> torch.device:
-        return next(self.system.G_ema.parameters()).device
+        """The generator's device (where the engine was built)."""
+        return self._device
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """(P,D) embeddings fed to T_G: E_T(prompt), corrected by the modality gap when one is set."""
         prompts = list(prompts)
-        with self.latency.measure("text_encoding", len(prompts), self.clip.device):
+        with self.latency.measure("text_encoding", len(prompts), self._text_device):
             chunks = [self._run("text", {"tokens": self.clip.tokenize(prompts[i:i + self.clip.batch_size])},
-                                self.clip.device)["embedding"] for i in range(0, len(prompts), self.clip.batch_size)]
+                                self._text_device)["embedding"] for i in range(0, len(prompts), self.clip.batch_size)]
         return torch.cat(chunks).to(self.device)
 
     @torch.no_grad()
@@ -182,8 +186,8 @@ class TextToPortrait:
         inputs = self._inputs(seeds, cond, alpha, with_text=embedding is not None)
         if embedding is not None:
             inputs["embedding"] = embedding
-        with self.latency.measure("generation", len(seeds), self.device):
-            return self._run("portrait", inputs, self.device)
+        with self.latency.measure("generation", len(seeds), self._device):
+            return self._run("portrait", inputs, self._device)
 
     @torch.no_grad()
     def portraits(self, prompts: Sequence[str], seeds: Sequence[int], cond: dict[str, torch.Tensor],
@@ -195,12 +199,12 @@ class TextToPortrait:
         prompts = list(prompts)
         if len(prompts) != len(seeds):
             raise ValueError(f"portraits: {len(prompts)} prompts for {len(seeds)} seeds; expected one prompt per seed")
-        if self.clip.device != self.device:  # the text tower elsewhere: its own graph, then the portrait's
+        if self._text_device != self._device:  # the text tower elsewhere: its own graph, then the portrait's
             embedding = self.encode(prompts)
             return {"embedding": embedding, **self.render(seeds, cond, embedding, alpha)}
         inputs = {"tokens": self.clip.tokenize(prompts), **self._inputs(seeds, cond, alpha, with_text=True)}
-        with self.latency.measure("text_to_portrait", len(seeds), self.device):
-            return self._run("prompt_portrait", inputs, self.device)
+        with self.latency.measure("text_to_portrait", len(seeds), self._device):
+            return self._run("prompt_portrait", inputs, self._device)
 
     def _inputs(self, seeds: Sequence[int], cond: dict[str, torch.Tensor], alpha: float | torch.Tensor,
                 with_text: bool) -> dict[str, torch.Tensor]:
