@@ -19,6 +19,38 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under xdist's ``worksteal`` each worker first gets one contiguous share of the collection and
+    idle workers steal from the tail of another's queue, so a long test that starts last decides the
+    wall time. Deal the slow tests (``@pytest.mark.slow(seconds=...)``, 20 s when unsaid) longest first
+    to the lightest share and put each share's slow tests at its head: every worker starts on its long
+    tests and the short ones are what gets stolen at the end. Only the order changes."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    if workers < 2:
+        return
+
+    def seconds(item) -> float:
+        marker = item.get_closest_marker("slow")
+        return marker.kwargs.get("seconds", 20.0) if marker else 0.0
+
+    slow = sorted((item for item in items if seconds(item)), key=seconds, reverse=True)
+    fast = [item for item in items if not seconds(item)]
+    shares: list[list] = [[] for _ in range(workers)]
+    loads = [0.0] * workers
+    for item in slow:
+        k = loads.index(min(loads))
+        shares[k].append(item)
+        loads[k] += seconds(item)
+    # worksteal hands worker k the slice [k*n//w, (k+1)*n//w) of the collection.
+    sizes = [(k + 1) * len(items) // workers - k * len(items) // workers for k in range(workers)]
+    ordered = []
+    for share, size in zip(shares, sizes):
+        take = max(0, size - len(share))
+        ordered += share + fast[:take]
+        fast = fast[take:]
+    items[:] = ordered + fast
+
+
 @pytest.fixture
 def run_cli(tmp_path):
     """Run `python run.py ...` in a subprocess with outputs under tmp_path; returns CompletedProcess."""

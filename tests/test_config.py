@@ -97,7 +97,7 @@ def _job_dirs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.glob("outputs/multirun/info/*/*/metrics.jsonl"))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=24)
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
 def test_multirun_runs_every_job_in_its_own_directory(run_cli, tmp_path, launcher):
     """`-m` with two seeds runs two jobs, each with its own run dir, resolved config and metrics."""

@@ -393,7 +393,7 @@ print("ok")
 """
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=18)
 def test_triton_kernels_match_torch_search_in_interpreter():
     """The Triton kernels (run by Triton's CPU interpreter): the fixed-capacity grid lists exactly the
     PyTorch grid's candidates in each cell that fits its capacity and a superset in each that

@@ -7,7 +7,7 @@ import json
 import pytest
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=8)
 def test_train_lvlm_generates_data_trains_saves_a_loadable_checkpoint_and_reports_zero_shot(run_cli, tmp_path):
     """With no dataset at data.path, train_lvlm renders one, trains a few steps, writes the checkpoint
     and its card (data hash, steps, per-attribute accuracy vs chance), logs zero-shot accuracy to

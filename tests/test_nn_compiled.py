@@ -84,7 +84,7 @@ def _assert_same_up_to_rounding(images, rigid):
     assert float((eager - rigid).abs().mean()) > 10 * float(natural.mean()), stats  # CPU: 9.6e-4
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=150)
 def test_compiled_generator_equals_eager_values_and_gradients():
     """compile=always on the CPU: image, raw image and depth equal the eager generator's, and so does
     every parameter's gradient, through the compiled backward of all three pieces. With the
@@ -113,7 +113,7 @@ def test_compile_modes_choose_devices_and_reject_unknown_values():
         build_discriminator(dataclasses.replace(d_cfg, compile="on"), g_cfg)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=34)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU"))])
 def test_compiled_discriminator_equals_eager_and_r1_runs_eagerly(device):

@@ -196,7 +196,7 @@ def _fit(path, cfg, run_dir, resume=None, kill_at=None, every_kimg=0.0):
     return [r for r in records if r.get("event") == "train"], system
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=3)
 def test_killed_run_resumes_exactly(dataset_path, tmp_path):
     """Kill after step 2 (checkpoint every 8 images = 2 steps), resume: steps 3-5 have the uninterrupted
     run's losses and schedules exactly, and the final weights (G, D, G_ema) are identical."""

@@ -46,7 +46,7 @@ def test_gradients_are_averaged_over_ranks():
         assert mean == 1.0
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=26)
 def test_two_process_training_writes_one_run_directory(run_cli, tmp_path):
     """`trainer.devices=2 trainer.strategy=ddp` on CPU: both processes share one Hydra run directory;
     config, metrics and checkpoints are written once (rank 0); kimg counts both ranks' images; the

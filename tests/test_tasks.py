@@ -10,7 +10,7 @@ TINY = ["data.synthetic.num_images=8", "data.synthetic.resolution=32", "data.syn
         "print_config=false", "logger=none"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=20)
 def test_make_synthetic_then_check_data_then_a_broken_copy(run_cli, tmp_path):
     """make_synthetic writes a dataset that check_data accepts; after an image is corrupted,
     check_data exits non-zero naming that image, and lists the problem in problems.json."""
@@ -30,7 +30,7 @@ def test_make_synthetic_then_check_data_then_a_broken_copy(run_cli, tmp_path):
     assert any(name in r.read_text() for r in reports)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=90)
 def test_demo_runs_every_stage_and_skips_them_on_rerun(run_cli, tmp_path):
     """experiment=demo at toy size runs data → check → geometry → lvlm → stage1 (a few training steps with
     the surface-field deformation) → canonicalize (oracle) → stage2 → generate, writes the index page with
@@ -68,7 +68,7 @@ def test_demo_runs_every_stage_and_skips_them_on_rerun(run_cli, tmp_path):
     assert proc.stderr.count("done earlier, skipped") == len(stages)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=25)
 def test_stage1_regulariser_sweep(run_cli, tmp_path):
     """`-m task=train_stage1 experiment=demo regularizer.r1_gamma=0.5,1` runs one training job per value,
     each in its own run directory with its own config, checkpoint and FID record."""
