@@ -5,11 +5,13 @@
     python -m benchmarks.bench_canonicalize --device cuda --tiny               # the tiny backbone
     python -m benchmarks.bench_canonicalize --device cuda --batches 8,16 --full   # + one whole inversion, timed
     python -m benchmarks.bench_canonicalize --device cuda --precision bf16     # steps under bf16 autocast
+    python -m benchmarks.bench_canonicalize --device cuda --coarse-fraction 0.85  # coarse-to-fine steps
     python -m benchmarks.bench_canonicalize --small                            # CPU: checks the script
 
 For each batch B (the sweep stops at the first out-of-memory): the median of one optimisation step
-(render + LPIPS + backward + Adam) and of the canonical render + CLIP embedding (of x_hat and its
-mirror), each over >= 20 runs after warm-up; images/s = B / (steps x step + finish). ``--full`` also
+(render + LPIPS + backward + Adam; a coarse step on the neural render and a fine step on the final
+image, timed apart) and of the canonical render + CLIP embedding (of x_hat and its mirror), each over
+>= 20 runs after warm-up; images/s = B / (coarse steps x coarse step + fine steps x fine step + finish). ``--full`` also
 times one complete ``Inverter.invert`` of ``--steps`` steps + finish per batch (wall clock, once).
 Random weights and random targets: the cost does not depend on them. DESIGN.md section 8: >= 2 images/s
 at eg3d_512 with 200 steps on one H100. LPIPS weights resolve offline from the asset cache
@@ -80,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--full", action="store_true", help="also time one whole inversion per batch")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="inversion.precision: bf16 runs each step's render and LPIPS under autocast")
+    p.add_argument("--coarse-fraction", type=float, default=0.0,
+                   help="inversion.coarse_fraction: the first steps compare the neural render")
+    p.add_argument("--coarse-resolution", type=int, default=0, help="inversion.coarse_resolution (0: neural)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         batches, steps = [b for b in batches if b <= 2] or [1], min(steps, 3)
     system = build_system(name, not args.no_deformation, device, args.compile)
     cfg = InversionConfig(steps=steps, lpips_resolution=args.lpips_resolution, w_avg_samples=1000,
-                          precision=args.precision)
+                          precision=args.precision, coarse_fraction=args.coarse_fraction,
+                          coarse_resolution=args.coarse_resolution)
     lpips = random_lpips(device) if args.random_lpips else build_lpips("vgg", device=device, weights=args.lpips_weights)
     inverter = Inverter(system, cfg, lpips=lpips)
     clip = build_clip(LVLMConfig(kind="random", weights=None, device=str(device)))
@@ -100,16 +106,27 @@ def main(argv: list[str] | None = None) -> None:
     extra = {"preset": name, "steps": steps, "deformation": not args.no_deformation,
              "lpips_resolution": args.lpips_resolution or system.cfg.backbone.img_resolution,
              "clip": "clipportrait-tiny (random weights)", "target_images_per_s": TARGET_IMAGES_PER_S,
-             "lpips_weights": "random" if args.random_lpips else "vgg v0.1", "precision": args.precision}
+             "lpips_weights": "random" if args.random_lpips else "vgg v0.1", "precision": args.precision,
+             "coarse_steps": cfg.coarse_steps,
+             "coarse_resolution": cfg.coarse_resolution or system.cfg.backbone.neural_rendering_resolution}
     runs = max(args.runs, 20)
     results: list[Timing] = []
     for batch in batches:
         try:
             images, cond = random_batch(system, batch, device)
             state = inverter.start(images, cond)
-            counter = iter(range(10**9))
-            step = time_fn(lambda: inverter.step(state, next(counter) % steps), name=f"{name} inversion step {tag}",
-                           batch=batch, dtype=tag, device=device, warmup=args.warmup, runs=runs, extra=extra)
+            stages = {}  # which steps each kind covers: [first, end)
+            if cfg.coarse_steps:
+                stages["coarse"] = (0, cfg.coarse_steps)
+            if cfg.coarse_steps < steps:
+                stages["fine"] = (cfg.coarse_steps, steps)
+            timed = {}
+            for kind, (first, end) in stages.items():
+                counter = iter(range(10**9))
+                label = "inversion step" if kind == "fine" and not cfg.coarse_steps else f"inversion {kind} step"
+                timed[kind] = time_fn(lambda: inverter.step(state, first + next(counter) % (end - first)),
+                                      name=f"{name} {label} {tag}", batch=batch, dtype=tag, device=device,
+                                      warmup=args.warmup, runs=runs, extra=extra)
 
             def finish():
                 x_hat = inverter.canonical(state.w.detach())
@@ -124,11 +141,15 @@ def main(argv: list[str] | None = None) -> None:
                 raise
             print(f"batch {batch}: out of memory, stopping the sweep")
             break
-        per_batch_ms = steps * step.median_ms + done.median_ms
-        results += [step, done, Timing(f"{name} {steps}-step canonicalisation, projected {tag}", batch, tag,
-                                       per_batch_ms, steps * step.p10_ms + done.p10_ms,
-                                       steps * step.p90_ms + done.p90_ms, runs, batch / (per_batch_ms / 1e3),
-                                       step.peak_mem_gib, extra)]
+        def projected(stat: str) -> float:
+            return sum((end - first) * getattr(timed[kind], stat) for kind, (first, end) in stages.items()) + \
+                getattr(done, stat)
+
+        per_batch_ms = projected("median_ms")
+        peak = max((t.peak_mem_gib for t in timed.values() if t.peak_mem_gib is not None), default=None)
+        results += [*timed.values(), done, Timing(f"{name} {steps}-step canonicalisation, projected {tag}", batch,
+                                                  tag, per_batch_ms, projected("p10_ms"), projected("p90_ms"), runs,
+                                                  batch / (per_batch_ms / 1e3), peak, extra)]
         if args.full:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -142,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.synchronize(device)
             wall = (time.perf_counter() - t0) * 1e3
             results.append(Timing(f"{name} {steps}-step canonicalisation, measured {tag}", batch, tag, wall,
-                                  wall, wall, 1, batch / (wall / 1e3), step.peak_mem_gib, extra))
+                                  wall, wall, 1, batch / (wall / 1e3), peak, extra))
     if not results:
         raise SystemExit("no batch size fitted in memory")
     suffix = ('-small' if args.small else ('-tiny' if args.tiny else '')) + ('-bf16' if args.precision == 'bf16' else '')

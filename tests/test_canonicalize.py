@@ -176,6 +176,72 @@ def test_steps_use_the_cached_target_features_and_bf16_is_cuda_only(world):
         _inverter(world, steps=1, precision="bf16").invert(images[:1], {k: v[:1] for k, v in cond.items()})
 
 
+@pytest.mark.parametrize("coarse_resolution", [0, 24])
+def test_coarse_steps_compare_the_neural_render_without_super_resolution(world, monkeypatch, coarse_resolution):
+    """coarse_fraction=0.5 of 4 steps: steps 0-1 return LPIPS (+ pixel term) of the neural render at the
+    coarse resolution (0: the generator's, 16 here) against the image area-downsampled to it, and never
+    run super-resolution; steps 2-3 return the final image's loss, as without coarse steps."""
+    from clipportrait.nn.superres import SuperResolution
+
+    calls = []
+    forward = SuperResolution.forward
+    monkeypatch.setattr(SuperResolution, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    inverter = _inverter(world, steps=4, lr_rampup=0.0, pixel_weight=0.25, coarse_fraction=0.5,
+                         coarse_resolution=coarse_resolution)
+    assert inverter.cfg.coarse_steps == 2
+    images, cond = _batch(world, [0, 1])
+    state = inverter.start(images, cond)
+    size = coarse_resolution or 16
+    for step in range(4):
+        w = state.w.detach().clone()
+        coarse = step < 2
+        with torch.no_grad():
+            out = inverter.G.synthesis(inverter.broadcast(w), cond["camera"], noise_mode="const", perturb=False,
+                                       neural_rendering_resolution=size if coarse else None)
+            render = out["image_raw"] if coarse else out["image"]
+            target = torch.nn.functional.interpolate(images, size=(size, size), mode="area") if coarse else images
+            expected = world["lpips"](render, target).flatten() + 0.25 * (render - target).square().flatten(1).mean(1)
+        calls.clear()
+        got = inverter.step(state, step)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (step, got, expected)
+        assert bool(calls) != coarse, (step, calls)
+
+
+def test_coarse_pass_points_go_through_the_deformation_once_per_batch(world):
+    """The rays of a batch are fixed, so only each step's importance samples are mapped by D; the
+    coarse pass's points were mapped when the batch started. A step's loss equals the render that maps
+    every point itself (``Inverter.render``)."""
+    inverter = _inverter(world, steps=3, lr_rampup=0.0)
+    images, cond = _batch(world, [0, 1])
+    seen = []
+
+    def deformer(points):  # a fixed, non-trivial warp standing in for D
+        seen.append(points.shape[1])
+        return points * torch.tensor([1.05, 0.95, 1.0]) + 0.01
+
+    state = inverter.start(images, cond)
+    state.deformer = deformer
+    state.fine.view = inverter.view(state.cond, deformer, 16)
+    cfg = inverter.G.cfg
+    assert seen == [16 * 16 * cfg.depth_samples]
+    for step in range(3):
+        w = state.w.detach().clone()
+        with torch.no_grad():
+            expected, _ = inverter.distance(inverter.render(w, cond, deformer), state.fine.target)
+        seen.clear()
+        got = inverter.step(state, step)
+        assert seen == [16 * 16 * cfg.importance_samples]
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (step, got, expected)
+
+
+def test_coarse_settings_are_checked_by_name():
+    with pytest.raises(ValueError, match="inversion.coarse_fraction=1.5"):
+        InversionConfig(coarse_fraction=1.5).validate()
+    with pytest.raises(ValueError, match="inversion.coarse_resolution=-1"):
+        InversionConfig(coarse_resolution=-1).validate()
+    assert InversionConfig(steps=200, coarse_fraction=0.85).coarse_steps == 170
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast inversion runs on CUDA")
 def test_bf16_inversion_on_cuda_still_recovers_generated_images(tmp_path):
     """precision=bf16 (the steps under autocast): the final float32 LPIPS is at least 3x below the

@@ -33,6 +33,16 @@ class InversionConfig:
     w_avg_samples: int = 10000
     seed: int = 0  # z of the sampled mean
     precision: str = "fp32"  # "bf16": each step's render and LPIPS under bfloat16 autocast (CUDA only)
+    # Coarse-to-fine: the first coarse_fraction of the steps compare the neural render (image_raw, before
+    # super-resolution, at coarse_resolution; 0: the generator's neural rendering resolution) with the
+    # image area-downsampled to that size; the rest compare the final image as above.
+    coarse_fraction: float = 0.0
+    coarse_resolution: int = 0
+
+    @property
+    def coarse_steps(self) -> int:
+        """How many of the first steps compare the neural render (``coarse_fraction`` of ``steps``)."""
+        return round(self.coarse_fraction * self.steps)
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -54,5 +64,10 @@ class InversionConfig:
             raise ValueError(f"inversion.w_init={self.w_init!r}: expected one of {W_INITS}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"inversion.precision={self.precision!r}: expected one of {PRECISIONS}")
+        if not 0 <= self.coarse_fraction <= 1:
+            raise ValueError(f"inversion.coarse_fraction={self.coarse_fraction}: expected a fraction of the steps in [0, 1]")
+        if self.coarse_resolution < 0:
+            raise ValueError(f"inversion.coarse_resolution={self.coarse_resolution}: expected >= 0 (0: the "
+                             "generator's neural rendering resolution)")
         if self.w_avg_samples < 1:
             raise ValueError(f"inversion.w_avg_samples={self.w_avg_samples}: expected >= 1")

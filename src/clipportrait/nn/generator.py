@@ -101,11 +101,13 @@ class TriplaneGenerator(nn.Module):
         perturb: bool | None = None,
         coarse_mapped: torch.Tensor | None = None,
         coarse_ready: torch.cuda.Event | None = None,
+        super_resolve: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Render from explicit rays (B, r*r, 3) (ray k = row k // r, column k % r) and super-resolve.
 
         Returns image (B, 3, H, W), image_raw (B, 3, r, r), image_depth / image_alpha (B, 1, r, r),
-        feature_image (B, C, r, r); images in [-1, 1] nominal range, float32.
+        feature_image (B, C, r, r); images in [-1, 1] nominal range, float32. ``super_resolve=False``
+        leaves out ``image`` and the super-resolution network that makes it.
 
         ``coarse_mapped``: ``coarse_points(origins, dirs, deformer)`` computed beforehand (no
         ``perturb``); when it was made on another CUDA stream, ``coarse_ready`` is an event recorded
@@ -134,15 +136,16 @@ class TriplaneGenerator(nn.Module):
 
         feature_image = to_image(out["features"])
         rgb = feature_image[:, :3]
-        image = maybe_compiled(SuperResolution.forward, cfg.compile, rgb)(
-            self.superresolution, rgb, feature_image, ws[:, -1], noise_mode)
-        return {
-            "image": image,
+        images = {
             "image_raw": rgb,
             "image_depth": to_image(out["depth"]),
             "image_alpha": to_image(out["alpha"]),
             "feature_image": feature_image,
         }
+        if super_resolve:
+            images["image"] = maybe_compiled(SuperResolution.forward, cfg.compile, rgb)(
+                self.superresolution, rgb, feature_image, ws[:, -1], noise_mode)
+        return images
 
     def coarse_points(self, origins: torch.Tensor, dirs: torch.Tensor, deformer: Deformer | None = None) -> torch.Tensor:
         """The coarse pass's sample points (B, R*S, 3) of unperturbed rays, through ``deformer``:
