@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", type=int, default=16, help="how many of the dataset's first images (one batch)")
     p.add_argument("--fractions", default="0,0.5,0.9", help="coarse fractions; the first is the reference")
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--coarse-restart", action="store_true",
+                   help="inversion.coarse_restart: the final-image steps run the learning-rate schedule again")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     runs, start = {}, None
     for fraction in fractions:
-        inverter = Inverter(system, InversionConfig(steps=args.steps, coarse_fraction=fraction, w_avg_samples=2000))
+        inverter = Inverter(system, InversionConfig(steps=args.steps, coarse_fraction=fraction, w_avg_samples=2000,
+                                                    coarse_restart=args.coarse_restart))
         if start is None:
             with torch.no_grad():
                 deformer = system.geometry.deformer(system.geometry.observation(cond))
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs[fraction] = (result.lpips.cpu(), time.perf_counter() - began)
     reference = runs[fractions[0]][0]
     report = {"checkpoint": str(args.checkpoint), "step": int(meta.get("step", 0)), "data": str(args.data),
-              "images": len(items), "steps": args.steps, "device": str(device),
+              "images": len(items), "steps": args.steps, "coarse_restart": args.coarse_restart, "device": str(device),
               "start_lpips_mean": float(start.mean()), "runs": []}
     for fraction, (lpips, seconds) in runs.items():
         report["runs"].append({"coarse_fraction": fraction, "lpips_mean": float(lpips.mean()),

@@ -5,6 +5,7 @@ the raw-embedding ablation, the DataModule reader, and the task end to end with 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -114,6 +115,15 @@ def test_learning_rate_schedule_matches_hand_values():
     assert learning_rate(90, cfg) == pytest.approx(0.1 * (0.5 - 0.5 * math.cos(0.4 * math.pi)))
     assert learning_rate(99, cfg) == pytest.approx(0.1 * (0.5 - 0.5 * math.cos(0.04 * math.pi)))
     assert learning_rate(0, InversionConfig(steps=10, lr_rampup=0.0)) == pytest.approx(0.1)
+    # coarse_restart: 80 coarse steps, then the same schedule again over the last 20.
+    restart = InversionConfig(steps=100, lr=0.1, lr_rampup=0.05, lr_rampdown=0.25, coarse_fraction=0.8,
+                              coarse_restart=True)
+    assert learning_rate(2, restart) == pytest.approx(0.1 * 2 / 4)  # ramp-up over 5 % of 80 = 4 steps
+    assert learning_rate(79, restart) == pytest.approx(0.1 * (0.5 - 0.5 * math.cos(1 / 20 * math.pi)))
+    assert learning_rate(80, restart) == 0.0
+    assert learning_rate(90, restart) == pytest.approx(0.1)
+    assert learning_rate(99, restart) == pytest.approx(0.1 * (0.5 - 0.5 * math.cos(0.2 * math.pi)))
+    assert learning_rate(90, dataclasses.replace(restart, coarse_restart=False)) == learning_rate(90, cfg)
     with pytest.raises(ValueError, match="inversion.space='z'"):
         InversionConfig(space="z").validate()
 

@@ -38,6 +38,7 @@ class InversionConfig:
     # image area-downsampled to that size; the rest compare the final image as above.
     coarse_fraction: float = 0.0
     coarse_resolution: int = 0
+    coarse_restart: bool = False  # the final-image steps ramp the learning rate up and down again
 
     @property
     def coarse_steps(self) -> int:

@@ -55,8 +55,16 @@ if TYPE_CHECKING:  # heavy imports stay out of the task schema's import path
 
 
 def learning_rate(step: int, cfg: InversionConfig) -> float:
-    """Adam's rate at ``step`` of ``cfg.steps``: peak * half-cosine ramp-down * linear ramp-up."""
-    t = step / cfg.steps
+    """Adam's rate at ``step`` of ``cfg.steps``: peak * half-cosine ramp-down * linear ramp-up, over all
+    the steps, or with ``cfg.coarse_restart`` over the coarse steps and again over the final-image steps."""
+    first = cfg.coarse_steps if cfg.coarse_restart else 0
+    if 0 < first < cfg.steps:
+        return _ramped_rate(step, first, cfg) if step < first else _ramped_rate(step - first, cfg.steps - first, cfg)
+    return _ramped_rate(step, cfg.steps, cfg)
+
+
+def _ramped_rate(step: int, steps: int, cfg: InversionConfig) -> float:
+    t = step / steps
     down = min(1.0, (1.0 - t) / cfg.lr_rampdown)
     down = 0.5 - 0.5 * math.cos(down * math.pi)
     up = min(1.0, t / cfg.lr_rampup) if cfg.lr_rampup > 0 else 1.0
