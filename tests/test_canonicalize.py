@@ -217,7 +217,7 @@ def test_coarse_steps_compare_the_neural_render_without_super_resolution(world, 
         assert bool(calls) != coarse, (step, calls)
 
 
-def test_coarse_pass_points_go_through_the_deformation_once_per_batch(world):
+def test_coarse_pass_points_go_through_the_deformation_once_per_batch(world, monkeypatch):
     """The rays of a batch are fixed, so only each step's importance samples are mapped by D; the
     coarse pass's points were mapped when the batch started. A step's loss equals the render that maps
     every point itself (``Inverter.render``)."""
@@ -229,9 +229,8 @@ def test_coarse_pass_points_go_through_the_deformation_once_per_batch(world):
         seen.append(points.shape[1])
         return points * torch.tensor([1.05, 0.95, 1.0]) + 0.01
 
+    monkeypatch.setattr(inverter.system.geometry, "deformer", lambda obs: deformer)
     state = inverter.start(images, cond)
-    state.deformer = deformer
-    state.fine.view = inverter.view(state.cond, deformer, 16)
     cfg = inverter.G.cfg
     assert seen == [16 * 16 * cfg.depth_samples]
     for step in range(3):

@@ -51,7 +51,7 @@ from ..metrics.lpips import lpips_features, lpips_from_features
 from .config import InversionConfig
 
 if TYPE_CHECKING:  # heavy imports stay out of the task schema's import path
-    from ..systems.stage1 import Stage1GAN
+    from ..systems.stage1 import PreparedRays, Stage1GAN
 
 
 def learning_rate(step: int, cfg: InversionConfig) -> float:
@@ -127,21 +127,13 @@ class Target:
 
 
 @dataclass
-class View:
-    """A batch's rays at one neural rendering resolution and the coarse pass's sample points already
-    taken through D (``TriplaneGenerator.coarse_points``): neither depends on w."""
-
-    origins: torch.Tensor
-    dirs: torch.Tensor
-    coarse_mapped: torch.Tensor
-
-
-@dataclass
 class Stage:
-    """What a step compares: the rays it renders, whether the render is super-resolved (the final
-    image) or not (the neural render, coarse steps), and the target it is compared with."""
+    """What a step compares: the batch's rays at one neural resolution with D bound to its meshes and
+    the coarse pass's points already mapped (``Stage1GAN.prepare_rays``: none of it depends on w),
+    whether the render is super-resolved (the final image) or not (the neural render, coarse steps),
+    and the target it is compared with."""
 
-    view: View
+    rays: "PreparedRays"
     super_resolve: bool
     target: Target
 
@@ -156,7 +148,11 @@ class InversionState:
     fine: Stage
     coarse: Stage | None
     cond: dict[str, torch.Tensor]
-    deformer: Callable[[torch.Tensor], torch.Tensor] | None
+
+    @property
+    def deformer(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """D bound to the batch's observation meshes."""
+        return self.fine.rays.deformer
 
 
 class Inverter:
@@ -189,19 +185,11 @@ class Inverter:
         out = self.G.synthesis(self.broadcast(w), cond["camera"], deformer=deformer, noise_mode="const", perturb=False)
         return out["image"]
 
-    def view(self, cond: dict[str, torch.Tensor], deformer, resolution: int) -> View:
-        """The batch's fixed rays at neural ``resolution`` (see `View`)."""
-        from ..geometry.cameras import ray_bundle
-
-        origins, dirs = ray_bundle(cond["camera"], resolution)
-        with torch.no_grad():
-            return View(origins, dirs, self.G.coarse_points(origins, dirs, deformer))
-
-    def render_stage(self, w: torch.Tensor, stage: Stage, deformer) -> torch.Tensor:
+    def render_stage(self, w: torch.Tensor, stage: Stage) -> torch.Tensor:
         """The image a step compares: the final image, or the neural render of a coarse stage."""
-        view = stage.view
-        out = self.G.render(self.broadcast(w), view.origins, view.dirs, deformer, noise_mode="const", perturb=False,
-                            coarse_mapped=view.coarse_mapped, super_resolve=stage.super_resolve)
+        rays = stage.rays
+        out = self.G.render(self.broadcast(w), rays.origins, rays.dirs, rays.deformer, noise_mode="const",
+                            perturb=False, coarse_mapped=rays.coarse_mapped, super_resolve=stage.super_resolve)
         return out["image" if stage.super_resolve else "image_raw"]
 
     def autocast(self, enabled: bool = True):
@@ -245,8 +233,6 @@ class Inverter:
             raise ValueError(f"images: expected (B,3,{res},{res}) at the generator's output size, got {tuple(images.shape)}")
         batch = images.shape[0]
         cond = {k: v.to(self.device) for k, v in cond.items()}
-        with torch.no_grad():
-            deformer = self.system.geometry.deformer(self.system.geometry.observation(cond))
         start = self.w_start.expand(batch, -1)
         if self.cfg.space == "w_plus":
             start = start.unsqueeze(1).expand(-1, self.G.num_ws, -1)
@@ -254,14 +240,15 @@ class Inverter:
         optimizer = torch.optim.Adam([w], lr=self.cfg.lr, betas=tuple(self.cfg.betas))
         images = images.to(self.device, torch.float32)
         neural = self.G.cfg.neural_rendering_resolution
-        fine_view = self.view(cond, deformer, neural)
-        fine = Stage(fine_view, True, self.target(images, self.cfg.lpips_resolution))
-        coarse = None
-        if self.cfg.coarse_steps:
-            size = self.cfg.coarse_resolution or neural
-            coarse = Stage(fine_view if size == neural else self.view(cond, deformer, size), False,
-                           self.target(images, size))
-        return InversionState(w, optimizer, fine, coarse, cond, deformer)
+        with torch.no_grad():
+            fine_rays = self.system.prepare_rays(cond, G=self.G)
+            fine = Stage(fine_rays, True, self.target(images, self.cfg.lpips_resolution))
+            coarse = None
+            if self.cfg.coarse_steps:
+                size = self.cfg.coarse_resolution or neural
+                rays = fine_rays if size == neural else self.system.prepare_rays(cond, G=self.G, resolution=size)
+                coarse = Stage(rays, False, self.target(images, size))
+        return InversionState(w, optimizer, fine, coarse, cond)
 
     def step(self, state: InversionState, step: int) -> torch.Tensor:
         """One Adam step of eq. 9 at the scheduled rate, on the neural render for the first
@@ -270,7 +257,7 @@ class Inverter:
             group["lr"] = learning_rate(step, self.cfg)
         stage = state.coarse if step < self.cfg.coarse_steps else state.fine
         with self.autocast():
-            _, loss = self.distance(self.render_stage(state.w, stage, state.deformer), stage.target)
+            _, loss = self.distance(self.render_stage(state.w, stage), stage.target)
         state.optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
         state.optimizer.step()
@@ -281,7 +268,7 @@ class Inverter:
         state = self.start(images, cond)
         history = torch.stack([self.step(state, step).mean() for step in range(self.cfg.steps)]).cpu()
         with torch.no_grad():  # the reported numbers belong to the w that is returned (float32, final image)
-            image = self.render_stage(state.w, state.fine, state.deformer)
+            image = self.render_stage(state.w, state.fine)
             target = state.fine.target
             if self.cfg.precision != "fp32":
                 target = self.target(images.to(self.device, torch.float32), self.cfg.lpips_resolution, False)

@@ -239,10 +239,12 @@ class Stage1GAN(L.LightningModule):
             out["rdr"] = self.mesh_render(obs, cond["camera"])
         return out
 
-    def prepare_rays(self, cond: Cond, G=None, stream: torch.cuda.Stream | None = None) -> PreparedRays:
+    def prepare_rays(self, cond: Cond, G=None, stream: torch.cuda.Stream | None = None,
+                     resolution: int | None = None) -> PreparedRays:
         """The part of an inference render that needs the conditioning but not w: observation meshes,
-        camera rays, the deformation bound to the meshes (its grid built) and the coarse pass's points
-        mapped to canonical space (unperturbed depths). With ``stream`` (CUDA) the work is queued there
+        camera rays (``resolution``^2, default G's neural rendering resolution), the deformation bound to
+        the meshes (its grid built) and the coarse pass's points mapped to canonical space (unperturbed
+        depths). With ``stream`` (CUDA) the work is queued there
         after what the current stream has queued, and ``ready`` marks its end: it then runs beside the
         mapping and the tri-plane synthesis, which leave a small batch's GPU mostly idle."""
         from ..geometry.cameras import ray_bundle  # owned by the geometry package
@@ -251,13 +253,13 @@ class Stage1GAN(L.LightningModule):
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(stream.device))
             with torch.cuda.stream(stream):
-                rays = self.prepare_rays(cond, G)
+                rays = self.prepare_rays(cond, G, resolution=resolution)
                 rays.ready = torch.cuda.Event()
                 rays.ready.record(stream)
             return rays
         obs = self.geometry.observation(cond)
         deformer = self.geometry.deformer(obs)
-        origins, dirs = ray_bundle(cond["camera"], G.cfg.neural_rendering_resolution)
+        origins, dirs = ray_bundle(cond["camera"], resolution or G.cfg.neural_rendering_resolution)
         return PreparedRays(obs, origins, dirs, deformer, G.coarse_points(origins, dirs, deformer))
 
     @torch.no_grad()
