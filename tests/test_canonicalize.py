@@ -186,6 +186,31 @@ def test_steps_use_the_cached_target_features_and_bf16_is_cuda_only(world):
         _inverter(world, steps=1, precision="bf16").invert(images[:1], {k: v[:1] for k, v in cond.items()})
 
 
+@pytest.mark.slow(seconds=50)
+def test_compiled_step_distance_equals_the_eager_one_with_its_gradient(world, monkeypatch):
+    """With the generator's compile setting asking for it (``always`` on the CPU), a step's distance is
+    the torch.compile'd `image_distance`; its LPIPS, total loss and gradient w.r.t. the render equal the
+    eager function's (the render, at twice the size, area-downsampled inside). LPIPS-Alex with random
+    weights: the same code path as VGG, compiled in half the time."""
+    import lpips
+
+    net = lpips.LPIPS(pretrained=False, net="alex", pnet_rand=True, verbose=False).eval().requires_grad_(False)
+    inverter = Inverter(world["system"], InversionConfig(steps=1, w_avg_samples=200, pixel_weight=0.25), lpips=net)
+    images, _ = _batch(world, [0, 1])
+    render = torch.nn.functional.interpolate(images.flip(-1) * 0.8, scale_factor=2.0).requires_grad_(True)
+    target = inverter.target(images, 0)
+    results = {}
+    for mode in ("off", "always"):
+        monkeypatch.setattr(inverter.G.cfg, "compile", mode)
+        distance, loss = inverter.distance(render, target)
+        (grad,) = torch.autograd.grad(loss.sum(), render)
+        results[mode] = distance.detach(), loss.detach(), grad
+    for eager, compiled in zip(results["off"], results["always"]):
+        assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-6), (compiled, eager)
+    assert not torch.allclose(results["off"][1], results["off"][0])  # the pixel term is in the loss
+    assert results["off"][2].abs().sum() > 0
+
+
 @pytest.mark.parametrize("coarse_resolution", [0, 24])
 def test_coarse_steps_compare_the_neural_render_without_super_resolution(world, monkeypatch, coarse_resolution):
     """coarse_fraction=0.5 of 4 steps: steps 0-1 return LPIPS (+ pixel term) of the neural render at the
