@@ -18,8 +18,8 @@ Coarse-to-fine (``coarse_fraction``): the first steps compare the neural render 
 render before super-resolution, which Stage 1's dual discriminator trains to look like the final
 image downsampled -- with the image area-downsampled to the neural resolution, then the remaining
 steps compare the final image. A coarse step skips super-resolution and runs LPIPS on 64x fewer
-pixels at eg3d_512 (64^2 against 512^2): on an H100 at batch 32 under bf16 autocast, 122 ms against
-238 ms for a step on the final image (benchmarks/bench_canonicalize.py).
+pixels at eg3d_512 (64^2 against 512^2): on an H100 at batch 32 under bf16 autocast, 92 ms against
+210 ms for a step on the final image (benchmarks/bench_canonicalize.py).
 
 Each batch's rays are fixed for the whole optimisation (unperturbed depths, cameras and meshes from
 the dataset), so the coarse pass's sample points go through D once per batch, not once per step; only
