@@ -91,13 +91,18 @@ def test_compiled_generator_equals_eager_values_and_gradients():
     deformation in front of the lookup (run eagerly between compiled graphs), the images agree up to
     the deformation's discrete nearest-triangle choice: a sample point that moves by one rounding step
     can cross to another triangle; super-resolution spreads such a ray over a few output pixels
-    (max difference < 1e-3, mean < 2e-5, against > 1e-2 for the deformation's own effect)."""
+    (max difference < 1e-3, mean < 2e-5, against > 1e-2 for the deformation's own effect). A rigid
+    render after the deformable ones is the first one again."""
     eager, compiled = _pair("always")
     origins, dirs = ray_bundle(sample_ffhq_like(2, generator=torch.Generator().manual_seed(1)), 16)
     ws = eager.mapping(torch.randn(2, eager.cfg.z_dim)).detach()
     (out_e, grad_e), (out_c, grad_c) = [_render_and_grads(G, ws, origins, dirs) for G in (eager, compiled)]
     _assert_same_function(eager, (out_e, grad_e), (out_c, grad_c), value_tol=1e-5, grad_tol=1e-4)
     _assert_same_up_to_rounding(_deformed_images(eager, compiled, ws, origins, dirs, "cpu"), rigid=out_e["image"])
+    # A rigid render after deformable ones: the compiled renderer must not replay the deformable graph
+    # (it once did, and called the missing deformer: the deformer is not among a graph's guards).
+    again, _ = _render_and_grads(compiled, ws, origins, dirs)
+    assert torch.allclose(again["image"], out_c["image"], atol=1e-6), float((again["image"] - out_c["image"]).abs().max())
 
 
 def test_compile_modes_choose_devices_and_reject_unknown_values():

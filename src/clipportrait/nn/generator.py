@@ -30,6 +30,33 @@ from clipportrait.nn.triplane import TriplaneDecoder, sample_triplane
 Deformer = Callable[[torch.Tensor], torch.Tensor]
 
 
+class RadianceField:
+    """Observation-space points -> (features, raw density) of a tri-plane; ``mapped=True``: points
+    already taken through ``deformer`` (canonical space).
+
+    On CUDA (``cuda_fast_path``) the plane lookup is the fused Triton kernel on channels-last planes
+    (``planes_cl``, converted once per render for every query); the PyTorch lookup serves CPUs and
+    points that require a gradient. ``deforms`` is a plain bool because a compiled renderer guards on
+    it, while it does not guard on the eager-only deformer: checking ``deformer is not None`` inside
+    the graph made a rigid render after a deformable one replay the deformable graph and call None."""
+
+    def __init__(self, decoder: TriplaneDecoder, planes: torch.Tensor, planes_cl: torch.Tensor | None,
+                 box_warp: float, deformer: Deformer | None) -> None:
+        self.decoder, self.planes, self.planes_cl = decoder, planes, planes_cl
+        self.box_warp, self.deformer = box_warp, deformer
+        self.deforms = deformer is not None
+
+    def __call__(self, points: torch.Tensor, mapped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.deforms and not mapped:
+            deformed = self.deformer(points)
+            if deformed.shape != points.shape:
+                raise ValueError(f"deformer: returned shape {tuple(deformed.shape)}, expected {tuple(points.shape)}")
+            points = deformed
+        if self.planes_cl is not None and not points.requires_grad:
+            return self.decoder.decode(triplane_triton.triplane_mean(self.planes_cl, points, self.box_warp))
+        return self.decoder(sample_triplane(self.planes, points, self.box_warp))
+
+
 class TriplaneGenerator(nn.Module):
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
@@ -58,31 +85,14 @@ class TriplaneGenerator(nn.Module):
         c, r = self.cfg.triplane_channels, self.cfg.triplane_resolution
         return img.reshape(img.shape[0], 3, c, r, r)
 
-    def field(self, planes: torch.Tensor, deformer: Deformer | None = None):
-        """The radiance field of ``planes``: observation-space points -> (features, raw density);
-        ``mapped=True``: points already taken through ``deformer`` (canonical space).
-
-        On CUDA (``cuda_fast_path``) the plane lookup is the fused Triton kernel on channels-last
-        planes, converted once here for every query of this render; the PyTorch lookup serves CPUs
-        and points that require a gradient."""
+    def field(self, planes: torch.Tensor, deformer: Deformer | None = None) -> "RadianceField":
+        """The radiance field of ``planes`` (see `RadianceField`), its deformation run eagerly when the
+        render is compiled."""
         fused = self.cfg.cuda_fast_path and triplane_triton.available(planes)
         planes_cl = triplane_triton.channels_last_planes(planes) if fused else None
         if deformer is not None and wanted(self.cfg.compile, planes):  # the render is compiled
             deformer = eager_only(deformer)
-
-        def query(points: torch.Tensor, mapped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-            if deformer is not None and not mapped:
-                deformed = deformer(points)
-                if deformed.shape != points.shape:
-                    raise ValueError(
-                        f"deformer: returned shape {tuple(deformed.shape)}, expected {tuple(points.shape)}"
-                    )
-                points = deformed
-            if planes_cl is not None and not points.requires_grad:
-                return self.decoder.decode(triplane_triton.triplane_mean(planes_cl, points, self.cfg.box_warp))
-            return self.decoder(sample_triplane(planes, points, self.cfg.box_warp))
-
-        return query
+        return RadianceField(self.decoder, planes, planes_cl, self.cfg.box_warp, deformer)
 
     def sample_density(
         self, ws: torch.Tensor, points: torch.Tensor, deformer: Deformer | None = None, noise_mode: str = "random"
