@@ -83,8 +83,8 @@ if triton is not None:
                 ptrs = planes_ptr + row[:, None] + ch[None, :]
                 if BACKWARD:
                     # Relaxed: only the sums matter, read after the kernel. Triton's default (acq_rel)
-                    # orders memory around every add: 17.2 ms per coarse pass at eg3d_512, batch 32
-                    # on an H100, 3.4 ms relaxed (benchmarks/bench_triplane.py).
+                    # orders memory around every add: 17.7 ms per coarse pass at eg3d_512, batch 32
+                    # on an H100, 3.7 ms relaxed (benchmarks/bench_triplane.py).
                     tl.atomic_add(ptrs, g * (wx * wy)[:, None], mask=valid[:, None], sem="relaxed")
                 else:
                     acc += tl.load(ptrs, mask=valid[:, None], other=0.0) * (wx * wy)[:, None]
