@@ -71,6 +71,31 @@ def test_point_triangle_distance_matches_pytorch3d_and_sampling():
     assert (ours <= sampled_min + 1e-12).all()
 
 
+def test_closest_point_of_degenerate_triangles_is_the_nearest_edge_point():
+    """A degenerate triangle (collinear corners, either repeated corner, a single point) is the union of
+    its edges: closest_point_barycentrics gives the float64 nearest edge point, with weights that sum
+    to 1, and finite gradients (the mapping of eq. 5 differentiates through it)."""
+    g = torch.Generator().manual_seed(5)
+    n = 600
+    a, d = torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g, dtype=torch.float64)
+    cases = {"collinear": (a + d, a + 2.5 * d), "collinear, c between": (a + d, a + 0.4 * d),
+             "a == b": (a.clone(), a + d), "b == c": (a + d, a + d), "a == c": (a + d, a.clone()),
+             "a point": (a.clone(), a.clone())}
+    for name, (b, c) in cases.items():
+        p = torch.randn(n, 3, generator=g, dtype=torch.float64).requires_grad_()
+        bary = D.closest_point_barycentrics(p, a, b, c)
+        assert (bary >= 0).all() and torch.allclose(bary.sum(-1), torch.ones(n, dtype=torch.float64)), name
+        got = (p - (bary[..., :1] * a + bary[..., 1:2] * b + bary[..., 2:] * c)).norm(dim=-1)
+        to_edges = []
+        for start, end in ((a, b), (b, c), (c, a)):
+            edge = end - start
+            t = ((p - start) * edge).sum(-1) / (edge * edge).sum(-1).clamp_min(1e-300)
+            to_edges.append((p - start - t.clamp(0, 1)[:, None] * edge).norm(dim=-1))
+        assert (got - torch.stack(to_edges).min(0).values).abs().max() < 1e-12, name
+        (grad,) = torch.autograd.grad(got.sum(), p)
+        assert torch.isfinite(grad).all(), name
+
+
 def test_pair_distance_of_the_torch_search_matches_float64_reference():
     """The float32 pair distance of the PyTorch search (plane distance inside, nearest edge outside,
     from per-triangle constants) is the exact point-triangle distance: against the float64 closest

@@ -102,11 +102,39 @@ def _safe(den: Tensor) -> Tensor:
     return torch.where(den == 0, torch.ones_like(den), den)
 
 
+def _nearest_edge_barycentrics(p: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """Barycentric weights (..., 3) of the point of the three edges of (a, b, c) closest to p (the first
+    edge of AB, BC, CA on ties); a zero-length edge stands for its first corner."""
+
+    def along(start: Tensor, end: Tensor) -> tuple[Tensor, Tensor]:
+        edge = end - start
+        length2 = _dot(edge, edge)
+        t = torch.where(length2 > 0, (_dot(p - start, edge) / _safe(length2)).clamp(0, 1), torch.zeros_like(length2))
+        gap = p - start - t[..., None] * edge
+        return t, _dot(gap, gap)
+
+    (t_ab, d_ab), (t_bc, d_bc), (t_ca, d_ca) = along(a, b), along(b, c), along(c, a)
+    zero = torch.zeros_like(t_ab)
+    bary_ab = torch.stack((1 - t_ab, t_ab, zero), -1)
+    bary_bc = torch.stack((zero, 1 - t_bc, t_bc), -1)
+    bary_ca = torch.stack((t_ca, zero, 1 - t_ca), -1)
+    best = torch.where((d_bc < d_ab)[..., None], bary_bc, bary_ab)
+    return torch.where((d_ca < torch.minimum(d_ab, d_bc))[..., None], bary_ca, best)
+
+
 def closest_point_barycentrics(p: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     """Barycentric weights (..., 3) of the point of triangle (a, b, c) closest to p (broadcast (...,3)).
 
     Voronoi-region classification of p against the triangle's vertices, edges and face (the standard
     construction: dot products of p - vertex with the two edge vectors), evaluated branch-free.
+
+    A degenerate triangle (collinear corners, a repeated corner) has no face region: every region
+    test meets ties at zero, and the classification picked a wrong edge for up to half of the points
+    (a point beside a triangle whose a == b was given a, not its projection on ac). Such a triangle is
+    the union of its edges, so its closest point is the nearest edge point. The rule is the PyTorch
+    search's (``_triangle_table``): a triangle whose squared sine at a is below 1e-6 counts as
+    degenerate, where float32 cannot resolve plane barycentrics; the nearest edge point of such a
+    sliver is off by at most its inradius.
     """
     ab, ac = b - a, c - a
     ap, bp, cp = p - a, p - b, p - c
@@ -131,7 +159,10 @@ def closest_point_barycentrics(p: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Te
     v, w = torch.where(at_b, one, v), torch.where(at_b, zero, w)
     at_a = (d1 <= 0) & (d2 <= 0)
     v, w = torch.where(at_a, zero, v), torch.where(at_a, zero, w)
-    return torch.stack((1 - v - w, v, w), dim=-1)
+    regions = torch.stack((1 - v - w, v, w), dim=-1)
+    bb, cc, bc = _dot(ab, ab), _dot(ac, ac), _dot(ab, ac)
+    resolved = bb * cc - bc * bc > 1e-6 * bb * cc
+    return torch.where(resolved[..., None], regions, _nearest_edge_barycentrics(p, a, b, c))
 
 
 def plane_barycentrics(p: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
