@@ -38,8 +38,9 @@ from clipportrait.systems.stage1 import Stage1Config, Stage1GAN
 TARGET_IMAGES_PER_S = 2.0  # eg3d_512, 200 steps, one H100 (DESIGN.md section 8)
 
 
-def build_system(name: str, deformation: bool, device: torch.device, compile_mode: str) -> Stage1GAN:
-    g, d = preset(name, compile=compile_mode)
+def build_system(name: str, deformation: bool, device: torch.device, compile_mode: str,
+                 upconv_fir: str = "fold") -> Stage1GAN:
+    g, d = preset(name, compile=compile_mode, upconv_fir=upconv_fir)
     cfg = Stage1Config(backbone=g, discriminator=d, deformation=DeformationConfig(enabled=deformation))
     torch.manual_seed(0)
     return Stage1GAN(cfg).to(device).eval()
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps
     if args.small:
         batches, steps = [b for b in batches if b <= 2] or [1], min(steps, 3)
-    system = build_system(name, not args.no_deformation, device, args.compile)
+    system = build_system(name, not args.no_deformation, device, args.compile, args.upconv_fir)
     cfg = InversionConfig(steps=steps, lpips_resolution=args.lpips_resolution, w_avg_samples=1000,
                           precision=args.precision, coarse_fraction=args.coarse_fraction,
                           coarse_resolution=args.coarse_resolution)
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
              "lpips_resolution": args.lpips_resolution or system.cfg.backbone.img_resolution,
              "clip": "clipportrait-tiny (random weights)", "target_images_per_s": TARGET_IMAGES_PER_S,
              "lpips_weights": "random" if args.random_lpips else "vgg v0.1", "precision": args.precision,
-             "coarse_steps": cfg.coarse_steps,
+             "coarse_steps": cfg.coarse_steps, "upconv_fir": args.upconv_fir,
              "coarse_resolution": cfg.coarse_resolution or system.cfg.backbone.neural_rendering_resolution}
     runs = max(args.runs, 20)
     results: list[Timing] = []

@@ -59,11 +59,12 @@ def build_text_tower(arch: str, device: torch.device):
     return model.eval(), tokenizer
 
 
-def build_system(small: bool, embed_dim: int, deform: bool, device: torch.device, compile_mode: str) -> Stage2GAN:
+def build_system(small: bool, embed_dim: int, deform: bool, device: torch.device, compile_mode: str,
+                 upconv_fir: str = "fold") -> Stage2GAN:
     name = "tiny" if small else "eg3d_512"
     # --small only checks the script: a coarser render keeps it to a few minutes on a busy CPU.
     overrides = {"neural_rendering_resolution": 16, "depth_samples": 8, "importance_samples": 8} if small else {}
-    g, d = preset(name, compile=compile_mode, **overrides)
+    g, d = preset(name, compile=compile_mode, upconv_fir=upconv_fir, **overrides)
     cfg = Stage2Config(backbone=g, discriminator=d, deformation=DeformationConfig(enabled=deform),
                        alignment=AlignmentConfig(embed_dim=embed_dim))
     if small:
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     clip, tokenizer = build_text_tower(arch, device)
     with torch.no_grad():
         embed_dim = int(clip.encode_text(tokenizer(["a"]).to(device)).shape[1])
-    system = build_system(args.small, embed_dim, not args.no_deform, device, args.compile)
+    system = build_system(args.small, embed_dim, not args.no_deform, device, args.compile, args.upconv_fir)
     encoder = ClipEncoder(clip, tokenizer, arch, f"{arch}@random")
     G = system.G_ema
     batches = (1, 2) if args.small else (1, 32)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                      "deformation_faces": int(system.geometry.morphable.simplified_faces.shape[0]),
                      "resolution": system.cfg.backbone.img_resolution, "psi": args.psi,
                      "cuda_fast_path": system.cfg.backbone.cuda_fast_path,
-                     "compile": system.cfg.backbone.compile}
+                     "compile": system.cfg.backbone.compile, "upconv_fir": args.upconv_fir}
             run(f"text->portrait {precision}", lambda: portrait(encode()), batch, precision, {**extra, "part": "full"})
             run(f"  text encoding {precision}", encode, batch, precision, {**extra, "part": "text"})
             run(f"  generation from r {precision}", lambda: portrait(fixed_r), batch, precision,

@@ -48,7 +48,7 @@ class RandomConditioning:
 
 def build(args, device: torch.device) -> tuple[Stage1GAN, dict[str, torch.Tensor]]:
     name = "tiny" if args.small else "eg3d_512"
-    g, d = preset(name, compile=args.compile, d_compile=args.compile)
+    g, d = preset(name, compile=args.compile, d_compile=args.compile, upconv_fir=args.upconv_fir)
     deformation = DeformationConfig(enabled=not args.no_deformation, cpu_search=args.cpu_search)
     cfg = Stage1Config(backbone=g, discriminator=d, deformation=deformation,
                        regularizer=RegularizerConfig(), batch_size=args.batch)
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         ("" if not args.no_rdr else " no-rdr")
     extra = {"preset": "tiny" if args.small else "eg3d_512", "deformation": not args.no_deformation,
              "cpu_search": args.cpu_search if device.type == "cpu" else None,
-             "mesh_render": not args.no_rdr, "rdr_resolution": args.rdr_resolution or system.cfg.backbone.img_resolution}
+             "mesh_render": not args.no_rdr, "rdr_resolution": args.rdr_resolution or system.cfg.backbone.img_resolution,
+             "upconv_fir": args.upconv_fir}
 
     def real():
         return system.real_inputs(batch)

@@ -140,9 +140,12 @@ def common_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--small", action="store_true", help="tiny sizes, to check the script itself on a CPU")
     from clipportrait.nn.compiled import COMPILE_MODES
-    from clipportrait.nn.config import BackboneConfig
+    from clipportrait.nn.config import UPCONV_FIR, BackboneConfig
 
     p.add_argument("--compile", default=BackboneConfig.compile, choices=COMPILE_MODES,
                    help="backbone.compile (and discriminator.compile where a D runs): torch.compile the heavy "
                         "pieces; default as in the configs; 'off' for eager")
+    p.add_argument("--upconv-fir", default=BackboneConfig.upconv_fir, choices=UPCONV_FIR,
+                   help="backbone.upconv_fir: the up-sampling convs' FIR folded into the kernel or split "
+                        "into kernel and box means (compiled CUDA graphs only)")
     return p

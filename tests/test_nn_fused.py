@@ -16,8 +16,11 @@ from clipportrait.nn.layers import (
     fir_filter,
     modulated_conv2d,
     modulated_conv_core,
+    binomial_order,
     modulated_upconv_folded,
+    modulated_upconv_split,
     polyphase_conv_transpose2d,
+    split_upconv_phases,
     synthesis_layer_tail,
     torgb_tail,
     upsample2d,
@@ -40,6 +43,37 @@ def test_fir_folded_upconv_equals_transposed_conv_then_fir(taps, kernel):
     got = modulated_upconv_folded(x, weight, styles, f, up=2)
     assert got.shape == want.shape == (2, 3, 10, 10)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("taps", [(1.0, 2.0, 1.0), (1.0, 3.0, 3.0, 1.0), (1.0, 4.0, 6.0, 4.0, 1.0),
+                                  (1.0, 5.0, 10.0, 10.0, 5.0, 1.0)])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_split_fir_upconv_equals_transposed_conv_then_fir(taps, kernel):
+    """backbone.upconv_fir=split: the binomial FIR's first [1, 1] factor folded into the kernel and the
+    rest as box means equals modulated_conv2d's transposed conv + FIR low-pass (gain 4), same 2x size,
+    in values and in the gradients of the input, the weight and the styles (float64); for 3x3 kernels
+    its phase kernels are 2x2, where the whole fold of [1, 3, 3, 1] makes 3x3 ones."""
+    torch.manual_seed(0)
+    f = fir_filter(taps).double()
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 4, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    styles = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    want = modulated_conv2d(x, weight, styles, demodulate=False, up=2, resample_filter=f)
+    phases = split_upconv_phases(weight)
+    got = modulated_upconv_split(x, styles, phases, kernel, binomial_order(taps))
+    assert got.shape == want.shape == (2, 3, 10, 12)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    if kernel == 3:
+        assert phases.shape[-2:] == (2, 2)
+    probe = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad((got * probe).sum(), (x, weight, styles)),
+                    torch.autograd.grad((want * probe).sum(), (x, weight, styles))):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_upconv_fir_setting_is_checked():
+    with pytest.raises(ValueError, match="backbone.upconv_fir='both'"):
+        preset("tiny", upconv_fir="both")
 
 
 @pytest.mark.parametrize("kernel", [1, 2, 3, 5, 6])
@@ -138,15 +172,23 @@ def test_fast_path_flag_keeps_the_cpu_path():
         torch.testing.assert_close(got, want)
 
 
-def test_fast_path_generator_forced_on_cpu_equals_reference(monkeypatch):
-    """The whole fast path (channels_last, folded FIR upconv, in-place tails, 1x1 matmul toRGB),
-    forced on CPU in float64, renders the reference image and gives the reference gradients for
-    every parameter of the synthesis, decoder and super-resolution (the running image is float32)."""
+@pytest.mark.parametrize("upconv_fir", ["fold", "split"])
+def test_fast_path_generator_forced_on_cpu_equals_reference(monkeypatch, upconv_fir):
+    """The whole fast path (channels_last, FIR upconv folded or split into kernel and box means, in-place
+    tails, 1x1 matmul toRGB), forced on CPU in float64, renders the reference image and gives the
+    reference gradients for every parameter of the synthesis, decoder and super-resolution (the
+    running image is float32)."""
     import clipportrait.nn.synthesis as synthesis
 
     monkeypatch.setattr(synthesis, "use_fast_path", lambda enabled, x: enabled)
+    splits = []
+    monkeypatch.setattr(synthesis, "modulated_upconv_split",
+                        lambda *a, **k: splits.append(1) or modulated_upconv_split(*a, **k))
+    if upconv_fir == "split":  # as inside a graph compiled for CUDA
+        monkeypatch.setattr(synthesis, "box_filters_fuse", lambda x: True)
     torch.manual_seed(0)
-    g_cfg, _ = preset("tiny", neural_rendering_resolution=16, depth_samples=6, importance_samples=6)
+    g_cfg, _ = preset("tiny", neural_rendering_resolution=16, depth_samples=6, importance_samples=6,
+                      upconv_fir=upconv_fir)
     fast = build_generator(g_cfg).double().train()
     g_cfg.cuda_fast_path = False
     slow = build_generator(g_cfg).double().train()
@@ -169,6 +211,7 @@ def test_fast_path_generator_forced_on_cpu_equals_reference(monkeypatch):
             checked += 1
             assert float((a - b).norm() / b.norm().clamp_min(1e-30)) < 1e-5, name
     assert checked > 40
+    assert bool(splits) == (upconv_fir == "split")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fast path runs on CUDA only")
@@ -222,8 +265,8 @@ def test_cuda_fast_path_generator_equals_reference_values_and_gradients(sr_bf16)
             assert err < grad_tol, (name, err)
 
 
-@pytest.mark.parametrize("precision", ["float64", "bf16-autocast"])
-def test_frozen_weights_give_the_same_render_and_are_only_used_without_gradients(monkeypatch, precision):
+@pytest.mark.parametrize("precision,upconv_fir", [("float64", "fold"), ("bf16-autocast", "fold"), ("float64", "split")])
+def test_frozen_weights_give_the_same_render_and_are_only_used_without_gradients(monkeypatch, precision, upconv_fir):
     """``freeze_weights`` (inference engines): the fast path forced on CPU renders exactly the same
     images from the frozen weight transforms (folded up-sampling kernels, casts, demodulation sums,
     scaled linear weights) as from per-call ones, in float64 and under bf16 autocast; calls that record
@@ -232,8 +275,11 @@ def test_frozen_weights_give_the_same_render_and_are_only_used_without_gradients
     from clipportrait.nn.layers import freeze_weights, thaw_weights
 
     monkeypatch.setattr(synthesis, "use_fast_path", lambda enabled, x: enabled)
+    if upconv_fir == "split":
+        monkeypatch.setattr(synthesis, "box_filters_fuse", lambda x: True)
     torch.manual_seed(0)
-    g_cfg, _ = preset("tiny", neural_rendering_resolution=8, depth_samples=4, importance_samples=4)
+    g_cfg, _ = preset("tiny", neural_rendering_resolution=8, depth_samples=4, importance_samples=4,
+                      upconv_fir=upconv_fir)
     G = build_generator(g_cfg).eval()
     dtype = torch.float64 if precision == "float64" else torch.float32
     G = G.to(dtype)
@@ -252,6 +298,7 @@ def test_frozen_weights_give_the_same_render_and_are_only_used_without_gradients
     assert any(isinstance(m, synthesis.SynthesisLayer) and m.up > 1 for m in frozen_layers)
     assert torch.equal(render(), reference)
     layer = next(m for m in frozen_layers if isinstance(m, synthesis.SynthesisLayer) and m.up > 1)
+    assert (layer._frozen_weights[dtype][2] is not None) == (upconv_fir == "split")  # the split kernel
     with torch.no_grad():
         layer.weight.mul_(1.5)
     assert torch.equal(render(), reference)  # the frozen copies are what no-grad calls use

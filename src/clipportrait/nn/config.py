@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 
+UPCONV_FIR = ("fold", "split")
+
+
 @dataclass
 class BackboneConfig:
     """Generator G: mapping M_G, tri-plane synthesis S_G, decoder, renderer V, super-resolution."""
@@ -52,6 +55,11 @@ class BackboneConfig:
     # CUDA fast path of the synthesis and super-resolution layers: channels_last convs, FIR folded
     # into the transposed conv, in-place conv tails (same function; CPU keeps the reference path).
     cuda_fast_path: bool = True
+    # Up-sampling convs of the fast path inside graphs compiled for CUDA: "fold" puts the whole binomial
+    # FIR into the conv's kernel (3x3 phases: 4x the transposed conv's multiply-adds); "split" folds only
+    # its first [1, 1] factor (2x2 phases: 16/9) and runs the rest as box means that Inductor fuses with
+    # the layer's tail (nn.layers.modulated_upconv_split). Same function; an execution setting.
+    upconv_fir: str = "fold"
     # torch.compile of synthesis, rendering and super-resolution (nn/compiled.py): off | cuda | always.
     # An execution setting like cuda_fast_path: checkpoints load under any value.
     compile: str = "cuda"
@@ -60,6 +68,8 @@ class BackboneConfig:
         from clipportrait.nn.compiled import check_mode
 
         check_mode(self.compile)
+        if self.upconv_fir not in UPCONV_FIR:
+            raise ValueError(f"backbone.upconv_fir={self.upconv_fir!r}: expected one of {UPCONV_FIR}")
         if self.decoder_features < 3:
             raise ValueError(f"decoder_features={self.decoder_features}: need >= 3 (the first 3 are RGB)")
         sr_out = self.sr_input_resolution * 2 ** len(self.sr_channels)

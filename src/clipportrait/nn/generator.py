@@ -65,6 +65,7 @@ class TriplaneGenerator(nn.Module):
         self.backbone = SynthesisNetwork(
             cfg.w_dim, cfg.triplane_resolution, 3 * cfg.triplane_channels, cfg.channel_base, cfg.channel_max,
             num_bf16_res=cfg.synthesis_bf16_res, conv_clamp=cfg.conv_clamp, fast_path=cfg.cuda_fast_path,
+            split_fir=cfg.upconv_fir == "split",
         )
         self.num_ws = self.backbone.num_ws
         self.mapping = MappingNetwork(
@@ -75,7 +76,7 @@ class TriplaneGenerator(nn.Module):
         self.superresolution = SuperResolution(
             cfg.decoder_features, cfg.w_dim, cfg.sr_input_resolution, cfg.sr_channels,
             use_bf16=cfg.sr_bf16, conv_clamp=cfg.sr_conv_clamp, antialias=cfg.sr_antialias,
-            fast_path=cfg.cuda_fast_path,
+            fast_path=cfg.cuda_fast_path, split_fir=cfg.upconv_fir == "split",
         )
 
     # -- pieces -------------------------------------------------------------------------------

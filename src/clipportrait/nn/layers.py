@@ -506,6 +506,37 @@ def modulated_upconv_folded(
     return polyphase_conv(x, phases.to(compute_dtype(x)), k + t - 1, up, (start, end))
 
 
+def split_upconv_phases(weight: torch.Tensor, up: int = 2) -> torch.Tensor:
+    """The phase kernels (``polyphase_weight``) of the up-sampling conv with only the first [1, 1]
+    factor of a binomial FIR folded in (``modulated_upconv_split``): a k x k kernel becomes (k+1) x
+    (k+1), whose 2x2 phases (k = 3) cost what the 3x3 kernel's own padded phases do."""
+    if up != 2:
+        raise ValueError(f"split_upconv_phases: up={up}: the binomial split is for 2x up-sampling")
+    half = torch.full((2,), 0.5, dtype=weight.dtype, device=weight.device)  # x up = [1, 1]
+    return polyphase_weight(fir_folded_transposed_weight(weight, half, up), up)
+
+
+def modulated_upconv_split(x: torch.Tensor, styles: torch.Tensor, phases: torch.Tensor, kernel_size: int,
+                           order: int) -> torch.Tensor:
+    """``modulated_upconv_folded`` for a binomial FIR of ``order`` n >= 2 (n + 1 taps, [1, 3, 3, 1]: 3)
+    with the filter split in two: its first [1, 1] factor (the zero-insertion's nearest-neighbour
+    part, gain 2 a dimension) folded into the conv's kernel (``split_upconv_phases`` of the k x k
+    ``kernel_size`` weight), the other n - 1 factors applied after the conv as 2x2 box means
+    (``box_fir2d``). Both orders compute the transposed conv followed by the FIR (linear filters
+    commute). Folding the whole FIR makes a (k + n) x (k + n) kernel: for 3x3 and [1, 3, 3, 1], 3x3
+    phases, 4x the transposed conv's multiply-adds, against 16/9 for the 2x2 phases here; the box
+    means are memory-bound passes that Inductor fuses with the layer's tail (``box_filters_fuse``)."""
+    k, t, up = kernel_size, order + 1, 2
+    x = x * styles.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
+    y = polyphase_conv(x, phases.to(compute_dtype(x)), k + 1, up, (0, 0))  # the whole transposed conv
+    # The kept window of the full output convolved with the remaining n taps (see modulated_upconv_folded):
+    # it starts at `start` of that full convolution, i.e. (n - 1) - start pixels of zero padding.
+    start = t - 1 - transposed_conv_fir_padding(k, t, up)[0]
+    first = order - 1 - start
+    last = order - k - first
+    return box_fir2d(y, order - 1, (first, last, first, last))
+
+
 def synthesis_layer_tail(
     x: torch.Tensor,
     dcoefs: torch.Tensor,

@@ -26,6 +26,7 @@ class SuperResolution(nn.Module):
         conv_clamp: float | None = 256.0,
         antialias: bool = True,
         fast_path: bool = True,
+        split_fir: bool = False,
     ) -> None:
         super().__init__()
         if len(channels) == 0:
@@ -35,7 +36,8 @@ class SuperResolution(nn.Module):
         widths = [in_channels] + list(channels)
         self.blocks = nn.ModuleList(
             SynthesisBlock(a, b, w_dim, input_resolution * 2 ** (i + 1), img_channels=3,
-                           use_bf16=use_bf16, conv_clamp=conv_clamp if use_bf16 else None, fast_path=fast_path)
+                           use_bf16=use_bf16, conv_clamp=conv_clamp if use_bf16 else None, fast_path=fast_path,
+                           split_fir=split_fir)
             for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))
         )
 

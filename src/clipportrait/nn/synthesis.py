@@ -26,11 +26,14 @@ from clipportrait.nn.layers import (
     demodulation_coefficients,
     demodulation_sums,
     fir_filter,
+    box_filters_fuse,
     folded_upconv_phases,
     frozen,
     modulated_conv2d,
     modulated_conv_core,
     modulated_upconv_folded,
+    modulated_upconv_split,
+    split_upconv_phases,
     synthesis_layer_tail,
     torgb_tail,
     use_fast_path,
@@ -59,9 +62,14 @@ class SynthesisLayer(nn.Module):
         conv_clamp: float | None = None,
         resample_taps: tuple[float, ...] = DEFAULT_FIR,
         fast_path: bool = True,
+        split_fir: bool = False,
     ) -> None:
         super().__init__()
         self.resolution, self.up, self.conv_clamp, self.fast_path = resolution, up, conv_clamp, fast_path
+        # ``split_fir`` (backbone.upconv_fir=split): the up-sampling conv's binomial FIR of this order is
+        # split between kernel and box means where box filters fuse (``modulated_upconv_split``).
+        order = binomial_order(resample_taps) if up == 2 else None
+        self.split_order = order if split_fir and order is not None and order >= 2 else None
         self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 3, 3))
         self.bias = nn.Parameter(torch.zeros(out_channels))
@@ -75,8 +83,11 @@ class SynthesisLayer(nn.Module):
             raise ValueError(f"noise_mode={noise_mode!r}: expected one of {NOISE_MODES}")
         if use_fast_path(self.fast_path, x):
             x = x.contiguous(memory_format=torch.channels_last)
-            kernel, sums = frozen(self, compute_dtype(x), self.weight_transforms)
-            if self.up > 1:
+            split = self.split_order is not None and box_filters_fuse(x)
+            kernel, sums, split_kernel = frozen(self, compute_dtype(x), lambda d: self.weight_transforms(d, split))
+            if split:
+                x = modulated_upconv_split(x, styles, split_kernel, self.weight.shape[-1], self.split_order)
+            elif self.up > 1:
                 x = modulated_upconv_folded(x, self.weight, styles, self.resample_filter, self.up, phases=kernel)
             else:
                 x = modulated_conv_core(x, kernel, styles)
@@ -89,16 +100,21 @@ class SynthesisLayer(nn.Module):
             x = x + noise.to(x.dtype) * self.noise_strength.to(x.dtype)
         return bias_act(x, self.bias, "lrelu", gain=gain, clamp=self.conv_clamp)
 
-    def weight_transforms(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fast path's conv kernel in ``dtype`` (the FIR-folded phase kernels when up-sampling) and
-        the demodulation sums (what ``freeze_weights`` keeps). Computed at the weights' own precision
-        (the FIR fold is a convolution, which autocast would run in bf16), so frozen or per call they
-        are the same numbers."""
+    def weight_transforms(self, dtype: torch.dtype, split: bool | None = None) -> tuple:
+        """The fast path's conv kernels in ``dtype`` and the demodulation sums (what ``freeze_weights``
+        keeps): (kernel, sums, split kernel). When up-sampling, the kernel is the FIR-folded phase
+        kernels (None when ``split``) and the split kernel ``split_upconv_phases`` (None unless
+        ``split``, or the layer splits its FIR and ``split`` is None, as freezing asks). Computed at
+        the weights' own precision (the FIR fold is a convolution, which autocast would run in bf16),
+        so frozen or per call they are the same numbers."""
+        sums = demodulation_sums(self.weight)
         if self.up == 1:
-            return self.weight.to(dtype), demodulation_sums(self.weight)
+            return self.weight.to(dtype), sums, None
+        want_split = self.split_order is not None and split is not False
         with torch.autocast(device_type=self.weight.device.type, enabled=False):
-            kernel = folded_upconv_phases(self.weight, self.resample_filter, self.up)
-        return kernel.to(dtype), demodulation_sums(self.weight)
+            kernel = None if split else folded_upconv_phases(self.weight, self.resample_filter, self.up).to(dtype)
+            split_kernel = split_upconv_phases(self.weight, self.up).to(dtype) if want_split else None
+        return kernel, sums, split_kernel
 
     def _noise(self, x: torch.Tensor, noise_mode: str) -> torch.Tensor | None:
         """Per-pixel noise (B, 1, R, R) / (R, R), or None, for the conv output ``x``."""
@@ -142,6 +158,7 @@ class SynthesisBlock(nn.Module):
         conv_clamp: float | None = None,
         resample_taps: tuple[float, ...] = DEFAULT_FIR,
         fast_path: bool = True,
+        split_fir: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels, self.resolution, self.use_bf16 = in_channels, resolution, use_bf16
@@ -151,7 +168,8 @@ class SynthesisBlock(nn.Module):
         else:
             self.const = None
             self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim, resolution, up=2,
-                                        conv_clamp=conv_clamp, resample_taps=resample_taps, fast_path=fast_path)
+                                        conv_clamp=conv_clamp, resample_taps=resample_taps, fast_path=fast_path,
+                                        split_fir=split_fir)
         self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim, resolution,
                                     conv_clamp=conv_clamp, resample_taps=resample_taps, fast_path=fast_path)
         self.torgb = ToRGBLayer(out_channels, img_channels, w_dim, conv_clamp=conv_clamp)
@@ -201,6 +219,7 @@ class SynthesisNetwork(nn.Module):
         num_bf16_res: int = 0,
         conv_clamp: float | None = None,
         fast_path: bool = True,
+        split_fir: bool = False,
     ) -> None:
         super().__init__()
         log2 = int(math.log2(resolution)) if resolution > 0 else 0
@@ -215,7 +234,7 @@ class SynthesisNetwork(nn.Module):
             out_ch = channels_at(res, channel_base, channel_max)
             self.blocks.append(
                 SynthesisBlock(in_ch, out_ch, w_dim, res, img_channels, use_bf16=res >= bf16_from, conv_clamp=conv_clamp,
-                               fast_path=fast_path)
+                               fast_path=fast_path, split_fir=split_fir)
             )
         # Consecutive blocks share one w: block k's toRGB w is block k+1's first conv w.
         self.num_ws = sum(b.num_conv for b in self.blocks) + self.blocks[-1].num_torgb

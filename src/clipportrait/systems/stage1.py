@@ -133,6 +133,7 @@ def _plain(value: Any) -> Any:
 # Fields of the architecture groups that choose how the same function is computed.
 EXECUTION_SETTINGS = {("deformation", "backend"), ("deformation", "cpu_search"), ("deformation", "pair_chunk"),
                       ("deformation", "grid_capacity"), ("backbone", "cuda_fast_path"), ("backbone", "compile"),
+                      ("backbone", "upconv_fir"),
                       ("discriminator", "compile")}
 
 
