@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 MODULES = ["benchmarks.bench_geometry", "benchmarks.bench_generator", "benchmarks.bench_stage1",
-           "benchmarks.bench_canonicalize", "benchmarks.bench_generate", "benchmarks.bench_triplane"]
+           "benchmarks.bench_canonicalize", "benchmarks.bench_generate", "benchmarks.bench_triplane",
+           "benchmarks.floor"]
 
 
 def main(argv: list[str] | None = None) -> int:
