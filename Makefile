@@ -2,6 +2,7 @@
 #   make demo    run the whole chain on the embedded synthetic default (CPU is fine)
 #   make test    run the test suite (CPU, offline)
 #   make bench   run the speed benchmarks (GPU recommended; JSON + table into benchmarks/results)
+#   make notebook  run the demo if needed, then execute notebooks/demo.ipynb in place
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
 VENV ?= .venv
@@ -14,9 +15,9 @@ export PYTHONUNBUFFERED := 1
 # pip notes about configured local index folders that do not exist are noise, not problems.
 PIPQUIET := 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 
-.PHONY: install demo test test-fast bench lint clean help
+.PHONY: install demo test test-fast bench notebook lint clean help
 help:
-	@sed -n '1,5p' Makefile
+	@sed -n '1,6p' Makefile
 
 install: $(STAMP)
 
@@ -40,6 +41,11 @@ demo: install
 
 test: install
 	$(VPY) -m pytest -q -n 2 --dist worksteal --timeout 900 tests
+
+# The notebook shows the demo's outputs and drives the Python API on its checkpoints.
+notebook: demo
+	$(VPY) -m pip install -q -r requirements-notebook.txt $(PIPQUIET)
+	$(VPY) -m clipportrait.utils.notebooks notebooks/demo.ipynb
 
 bench: install
 	$(VPY) -m benchmarks.run_all

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from clipportrait.cli import CONF_DIR, ConfigProblem, preflight
+from clipportrait.cli import CONF_DIR, ConfigProblem, compose_config, preflight
 from clipportrait.config import register_configs
 
 register_configs()
@@ -55,6 +55,18 @@ def test_typed_schema_rejects_wrong_type_in_preflight():
     with pytest.raises(ConfigProblem) as err:
         preflight(["trainer.max_steps=abc"])
     assert "trainer.max_steps" in str(err.value) and "integer" in str(err.value)
+
+
+def test_compose_config_gives_the_typed_config_run_py_would_run(tmp_path):
+    """compose_config (notebooks, scripts): the experiment's groups, interpolations resolved, typed
+    dataclasses; a misspelt key is the preflight's one-paragraph ConfigProblem."""
+    from clipportrait.lvlm.config import LVLMConfig
+
+    cfg = compose_config(["experiment=demo", f"paths.root_dir={tmp_path}"])
+    assert isinstance(cfg.lvlm, LVLMConfig) and cfg.lvlm.arch == "clipportrait-cnn"
+    assert cfg.task.name == "demo" and cfg.task.out_dir == f"{tmp_path}/outputs/demo"
+    with pytest.raises(ConfigProblem, match="unknown config key 'backbone.chanels'.*Did you mean"):
+        compose_config(["backbone.chanels=3"])
 
 
 def test_every_sweep_value_is_checked():

@@ -74,6 +74,24 @@ def _compose(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
+def compose_config(overrides: Sequence[str] = ()):
+    """The typed config (dataclass instances) that ``python run.py <overrides>`` runs its task with,
+    for notebooks and scripts that call the tasks' pieces directly; ``ConfigProblem`` as ``run.py``'s
+    preflight words it."""
+    from omegaconf import OmegaConf
+
+    from .config import register_configs
+
+    register_configs()
+    overrides = list(overrides)
+    try:
+        cfg = _compose(overrides)
+    except Exception as err:
+        raise ConfigProblem(_explain(err, overrides)) from err
+    _check_task(cfg)
+    return OmegaConf.to_object(cfg)
+
+
 def _omegaconf_cause(err: BaseException):
     from omegaconf.errors import OmegaConfBaseException
 
