@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--psi", type=float, default=0.7, help="truncation psi")
     parser.add_argument("--precisions", default="tf32,bf16", help="comma-separated: tf32, bf16")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph rows")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,32; --small: 1,2)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     system = build_system(args.small, embed_dim, not args.no_deform, device, args.compile, args.upconv_fir)
     encoder = ClipEncoder(clip, tokenizer, arch, f"{arch}@random")
     G = system.G_ema
-    batches = (1, 2) if args.small else (1, 32)
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else ((1, 2) if args.small else (1, 32))
     name = "tiny" if args.small else "eg3d_512"
     results: list[Timing] = []
 
