@@ -188,7 +188,7 @@ def test_compile_and_fast_path_are_execution_settings_not_architecture():
 
     a = Stage1Config().as_dict()
     b = Stage1Config().as_dict()
-    b["backbone"].update(compile="cuda", cuda_fast_path=False)
+    b["backbone"].update(compile="cuda", cuda_fast_path=False, upconv_fir="split")
     b["discriminator"]["compile"] = "always"
     assert architecture_differences(a, b) == []
     b["backbone"]["decoder_hidden"] = 32
@@ -196,14 +196,16 @@ def test_compile_and_fast_path_are_execution_settings_not_architecture():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compile=cuda compiles CUDA work only")
-def test_cuda_compiled_generator_equals_eager():
+@pytest.mark.parametrize("upconv_fir", ["fold", "split"])
+def test_cuda_compiled_generator_equals_eager(upconv_fir):
     """compile=cuda on a GPU (float32, no TF32; fused Triton lookup and deformation inside the compiled
-    render): values and gradients of the eager generator; with the deformation, values up to its
-    triangle ties."""
+    render; the up-sampling FIR folded or, with upconv_fir=split, split into kernel and box means
+    inside the graphs while eager keeps the fold): values and gradients of the eager generator; with
+    the deformation, values up to its triangle ties."""
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        eager, compiled = _pair("cuda", "cuda", sr_bf16=False)
+        eager, compiled = _pair("cuda", "cuda", sr_bf16=False, upconv_fir=upconv_fir)
         origins, dirs = ray_bundle(sample_ffhq_like(2, generator=torch.Generator().manual_seed(1)).cuda(), 16)
         ws = eager.mapping(torch.randn(2, eager.cfg.z_dim, device="cuda")).detach()
         rigid = [_render_and_grads(G, ws, origins, dirs) for G in (eager, compiled)]
