@@ -224,7 +224,8 @@ def profile(fn: Callable[[], object], device: torch.device, calls: int = 3) -> d
 
 
 def workloads(small: bool, device: torch.device, batch: int, precision: str, upconv_fir: str = "fold"):
-    """(name, per-image divisor, fn) of the portrait batch and the two inversion steps."""
+    """(name, fn) of the portrait batch, the two inversion steps and (eg3d_512) the fine step with LPIPS
+    at half the output size, each on ``batch`` images."""
     from benchmarks import bench_canonicalize, bench_generate
     from benchmarks.bench_generator import precision_context
     from clipportrait.canonical.config import InversionConfig
