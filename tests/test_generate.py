@@ -347,6 +347,23 @@ def test_generate_refuses_bad_inputs_naming_them(chain, tmp_path):
     assert not (tmp_path / "bad" / "generate.json").exists()
 
 
+def test_generate_without_an_mp4_encoder_stops_before_rendering(chain, monkeypatch):
+    """Turntables are written last: without imageio's FFMPEG plugin, task=generate stops in validation,
+    naming the package and task.turntable, instead of after every grid and sweep is rendered."""
+    import importlib.util
+
+    from clipportrait.generation import writers
+
+    assert writers.video_encoder_missing() is None  # imageio-ffmpeg is part of the environment
+    plain = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "imageio_ffmpeg" else plain(name, *a))
+    assert "pip install imageio[ffmpeg]" in writers.video_encoder_missing()
+    root = chain["root"]
+    with pytest.raises(UserError, match=_literal("task.turntable=true writes MP4 videos, but imageio's FFMPEG plugin")):
+        generate.validate(compose(root, *generate_args(chain)).task)
+    assert generate.validate(compose(root, *generate_args(chain, "task.turntable=false")).task)["seeds"]
+
+
 def _literal(text: str) -> str:
     import re
 

@@ -48,6 +48,16 @@ def write_png(path: str | Path, array: np.ndarray) -> Path:
     return Path(path)
 
 
+def video_encoder_missing() -> str | None:
+    """Why ``write_video`` cannot write here (imageio's FFMPEG plugin, the imageio-ffmpeg package, is not
+    installed), or None when it can."""
+    import importlib.util
+
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
+        return "imageio's FFMPEG plugin (the imageio-ffmpeg package) is not installed: pip install imageio[ffmpeg]"
+    return None
+
+
 def write_video(path: str | Path, frames: Sequence[np.ndarray], fps: int) -> Path:
     """An H.264 MP4 of uint8 (H,W,3) frames with the ffmpeg binary of imageio-ffmpeg (no network).
     Frames are padded with black to multiples of 16 (the encoder's macro-block size) rather than resized."""

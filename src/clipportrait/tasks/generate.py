@@ -108,6 +108,12 @@ def validate(t: Schema) -> dict:
     for key, value, low in (("batch_size", t.batch_size, 1), ("fps", t.fps, 1), ("turntable_frames", t.turntable_frames, 2)):
         if value < low:
             raise UserError(f"task.{key}={value}: expected >= {low}")
+    if t.turntable:  # before any rendering: the turntables are written last, after the grids and sweeps
+        from ..generation.writers import video_encoder_missing
+
+        missing = video_encoder_missing()
+        if missing:
+            raise UserError(f"task.turntable=true writes MP4 videos, but {missing}; or set task.turntable=false")
     return {"alpha": alpha, "alpha_sweep": sweep, "seeds": seeds, "truncation_psi": psi}
 
 
