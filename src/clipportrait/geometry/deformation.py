@@ -162,6 +162,8 @@ def closest_point_barycentrics(p: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Te
     regions = torch.stack((1 - v - w, v, w), dim=-1)
     bb, cc, bc = _dot(ab, ab), _dot(ac, ac), _dot(ab, ac)
     resolved = bb * cc - bc * bc > 1e-6 * bb * cc
+    if bool(resolved.all()):  # the usual case: no edge pass (eq. 5's mapping calls this for every near point)
+        return regions
     return torch.where(resolved[..., None], regions, _nearest_edge_barycentrics(p, a, b, c))
 
 
