@@ -14,7 +14,7 @@ from clipportrait.errors import UserError
 from clipportrait.lvlm import LVLMConfig, TextEmbeddingCache, build_clip, card_path, preprocess_images
 from clipportrait.lvlm.clip import Preprocess
 from clipportrait.lvlm.prompts import ZeroShotAttribute, class_prompts
-from clipportrait.lvlm.train import (CaptionPairs, ContrastiveTrainConfig, evaluate, save_checkpoint, split_indices,
+from clipportrait.lvlm.train import (CaptionPairs, ContrastiveTrainConfig, save_checkpoint, split_indices,
                                      to_unit_range, train_contrastive, warmup_cosine)
 from clipportrait.lvlm.zeroshot import zero_shot_accuracy
 
@@ -209,6 +209,26 @@ def colour_pairs(count: int = 32) -> CaptionPairs:
         captions.append([f"a photo of a person with short {c} hair", f"portrait of someone with long {c} hair"])
         labels.append({"hair_color": c, "hair_length": "short"})
     return CaptionPairs([f"{i}.png" for i in range(count)], torch.stack(images), captions, labels)
+
+
+def test_the_training_loss_is_the_symmetric_batch_infonce_of_eq_1():
+    """open_clip's ClipLoss, the small LVLM's loss, is the batch estimate of the paper's eq. 1 in CLIP's
+    symmetric form: for each image, -log of its caption's share of exp(s cos) over the batch's captions,
+    and the same for each caption over the images, averaged (float64 by hand on random features)."""
+    from open_clip.loss import ClipLoss
+
+    gen = torch.Generator().manual_seed(5)
+    img = torch.nn.functional.normalize(torch.randn(6, 16, generator=gen, dtype=torch.float64), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 16, generator=gen, dtype=torch.float64), dim=1)
+    scale = torch.tensor(7.5, dtype=torch.float64)
+    cos = img @ txt.T
+    by_image = -sum(math.log(math.exp(scale * cos[i, i]) / sum(math.exp(scale * cos[i, j]) for j in range(6)))
+                    for i in range(6)) / 6
+    by_text = -sum(math.log(math.exp(scale * cos[j, j]) / sum(math.exp(scale * cos[i, j]) for i in range(6)))
+                   for j in range(6)) / 6
+    assert float(ClipLoss()(img, txt, scale)) == pytest.approx((by_image + by_text) / 2, rel=1e-12)
+    # Features that match their pairs (each caption its own image) give a lower loss than random ones.
+    assert float(ClipLoss()(img, img, scale)) < float(ClipLoss()(img, txt, scale))
 
 
 @pytest.mark.parametrize("arch", ["clipportrait-tiny", "clipportrait-cnn"])

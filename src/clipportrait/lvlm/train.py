@@ -1,9 +1,12 @@
 """Contrastive training of a small open_clip model on (image, caption) pairs of a portrait dataset.
 
-The loss is open_clip's own `ClipLoss` (symmetric InfoNCE over the batch, temperature learnt as
-``logit_scale``); AdamW without weight decay on gains, biases and the temperature (open_clip's
-recipe), linear warm-up then cosine decay. Each step draws a batch of training images, one random
-caption of each, crops them at random and mirrors half of them (captions do not mention left/right).
+The loss is open_clip's own `ClipLoss`: the batch estimate of the paper's eq. 1 (InfoNCE) in CLIP's
+symmetric form, each image against the batch's captions and each caption against its images, with
+the temperature learnt as ``logit_scale`` (eq. 1 writes one denominator over all pairs; the small
+LVLM stands in for CLIP, so it trains as CLIP did); AdamW without weight decay on gains, biases
+and the temperature (open_clip's recipe), linear warm-up then cosine decay. Each step draws a batch
+of training images, one random caption of each, crops them at random and mirrors half of them
+(captions do not mention left/right).
 Images go through the same tensor preprocessing as `ClipEncoder` at inference, after random crops.
 
 With ``captions="attributes_only"`` (the default) the interrogator-style nuisance phrases that the
