@@ -31,6 +31,8 @@ class TrainerConfig:
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     max_steps: int = 100
     log_every_n_steps: int = 10
+    # torch.use_deterministic_algorithms via Lightning. CPU runs repeat exactly; on CUDA the project's
+    # Triton tri-plane lookup adds its backward with atomics, which torch's switch does not cover.
     deterministic: bool = False
     gradient_clip_val: Optional[float] = None
     num_sanity_val_steps: int = 0
