@@ -162,7 +162,9 @@ def closest_point_barycentrics(p: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Te
     regions = torch.stack((1 - v - w, v, w), dim=-1)
     bb, cc, bc = _dot(ab, ab), _dot(ac, ac), _dot(ab, ac)
     resolved = bb * cc - bc * bc > 1e-6 * bb * cc
-    if bool(resolved.all()):  # the usual case: no edge pass (eq. 5's mapping calls this for every near point)
+    # The usual case needs no edge pass (eq. 5's mapping calls this for every near point). Only on the
+    # CPU, where asking costs no device sync: CUDA graphs and compiled graphs cannot hold the question.
+    if p.device.type == "cpu" and not torch.compiler.is_compiling() and bool(resolved.all()):
         return regions
     return torch.where(resolved[..., None], regions, _nearest_edge_barycentrics(p, a, b, c))
 
