@@ -148,3 +148,26 @@ def test_loggers_write_offline(run_cli, tmp_path, kind, expect):
     run_dirs = list(tmp_path.glob("outputs/runs/info/*"))
     assert len(run_dirs) == 1
     assert list(run_dirs[0].glob(expect)), sorted(str(p) for p in run_dirs[0].rglob("*"))[:50]
+
+
+@pytest.mark.parametrize("overrides, cuda, expected", [
+    ([], True, False),
+    (["trainer.deterministic=true"], False, True),
+    (["trainer.deterministic=true", "trainer.accelerator=auto"], False, True),
+    (["trainer=gpu", "trainer.deterministic=true", "trainer.deterministic_warn_only=true"], True, "warn"),
+    (["trainer=gpu", "trainer.deterministic=true"], True, None),
+    (["trainer.accelerator=auto", "trainer.deterministic=true"], True, None),
+])
+def test_trainer_deterministic_is_refused_on_cuda_unless_warn_only(overrides, cuda, expected):
+    """trainer.deterministic reaches Lightning as False/True/"warn"; on CUDA (gpu, or auto with a GPU)
+    plain `true` is refused up front, naming the key and the way out, because torch has no deterministic
+    CUDA backward for the generator's bilinear resizes."""
+    from clipportrait.errors import UserError
+    from clipportrait.tasks.train_stage1 import lightning_deterministic
+
+    t = compose_config(overrides).trainer
+    if expected is None:
+        with pytest.raises(UserError, match="trainer.deterministic=true.*trainer.deterministic_warn_only=true"):
+            lightning_deterministic(t, cuda_available=cuda)
+    else:
+        assert lightning_deterministic(t, cuda_available=cuda) == expected

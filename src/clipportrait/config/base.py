@@ -31,9 +31,12 @@ class TrainerConfig:
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     max_steps: int = 100
     log_every_n_steps: int = 10
-    # torch.use_deterministic_algorithms via Lightning. CPU runs repeat exactly; on CUDA the project's
-    # Triton tri-plane lookup adds its backward with atomics, which torch's switch does not cover.
+    # torch.use_deterministic_algorithms via Lightning: CPU runs repeat exactly. CUDA has no deterministic
+    # backward for bilinear resizes or grid_sample (torch raises) and the Triton tri-plane lookup adds
+    # with atomics, so on a GPU `true` is refused; `deterministic_warn_only` takes torch's deterministic
+    # kernels where they exist and warns for the rest (close repeats, not exact ones).
     deterministic: bool = False
+    deterministic_warn_only: bool = False
     gradient_clip_val: Optional[float] = None
     num_sanity_val_steps: int = 0
     enable_progress_bar: bool = True

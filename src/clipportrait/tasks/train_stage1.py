@@ -44,6 +44,28 @@ def stage1_config(cfg):
                         batch_size=cfg.data.batch_size, max_steps=cfg.trainer.max_steps, seed=cfg.seed)
 
 
+def lightning_deterministic(t, cuda_available: bool) -> bool | str:
+    """Lightning's ``deterministic`` argument from the `trainer` group: False, True, or "warn"
+    (``deterministic_warn_only``). ``trainer.deterministic=true`` on CUDA is refused before any work:
+    the generator's backward goes through bilinear resizes (super-resolution, the dual discriminator's
+    raw image) for which torch has no deterministic CUDA kernel, so the first step would raise."""
+    from ..errors import UserError
+
+    if not t.deterministic:
+        return False
+    if t.deterministic_warn_only:
+        return "warn"
+    on_cuda = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and cuda_available)
+    if on_cuda:
+        raise UserError(
+            f"trainer.deterministic=true with trainer.accelerator={t.accelerator}: on CUDA, bilinear "
+            "interpolation and grid_sample have no deterministic backward (torch raises at the first step) and "
+            "the Triton tri-plane lookup adds its gradients with atomics. Set trainer.deterministic_warn_only=true "
+            "to use torch's deterministic kernels where they exist (runs then differ only slightly), or train on "
+            "the CPU (trainer=cpu) for exact repeats")
+    return True
+
+
 def build_trainer(cfg, ctx: RunContext, callbacks: list):
     """A Lightning Trainer for the GAN systems from the `trainer` and `logger` groups."""
     import lightning as L
@@ -57,6 +79,7 @@ def build_trainer(cfg, ctx: RunContext, callbacks: list):
     if t.gradient_clip_val is not None:
         raise UserError("trainer.gradient_clip_val is not supported by the GAN systems (manual optimisation); "
                         "leave it null")
+    deterministic = lightning_deterministic(t, torch.cuda.is_available())
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = bool(t.allow_tf32)
         torch.backends.cudnn.allow_tf32 = bool(t.allow_tf32)
@@ -68,7 +91,7 @@ def build_trainer(cfg, ctx: RunContext, callbacks: list):
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=t.precision, max_steps=-1, max_epochs=-1, logger=build_logger(cfg.logger, ctx.run_dir) or False,
-        callbacks=callbacks, log_every_n_steps=t.log_every_n_steps, deterministic=t.deterministic,
+        callbacks=callbacks, log_every_n_steps=t.log_every_n_steps, deterministic=deterministic,
         enable_progress_bar=t.enable_progress_bar, num_sanity_val_steps=0, use_distributed_sampler=False,
         enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(ctx.run_dir),
         benchmark=t.benchmark, max_time=t.max_time,
