@@ -19,11 +19,16 @@ def ema_beta(global_batch: int, images_seen: int, ema_kimg: float, rampup: float
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
-    """ema <- model + beta * (ema - model) for parameters; buffers are copied (EG3D)."""
-    ema_params, params = list(ema.parameters()), list(model.parameters())
-    if len(ema_params) != len(params):
-        raise ValueError(f"update_ema: {len(ema_params)} EMA parameters vs {len(params)} model parameters")
-    torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - beta)
+def update_ema(ema: nn.Module, model: nn.Module, beta: float, prefixes: tuple[str, ...] | None = None) -> None:
+    """ema <- model + beta * (ema - model) for parameters (only those whose name starts with one of
+    ``prefixes`` when given: the rest of ``ema`` is left as it is); buffers are copied (EG3D)."""
+    ema_named, named = list(ema.named_parameters()), list(model.named_parameters())
+    if [n for n, _ in ema_named] != [n for n, _ in named]:
+        raise ValueError(f"update_ema: {len(ema_named)} EMA parameters vs {len(named)} model parameters, "
+                         "or their names differ")
+    pairs = [(e, p.detach()) for (name, e), (_, p) in zip(ema_named, named)
+             if prefixes is None or name.startswith(prefixes)]
+    if pairs:
+        torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - beta)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)

@@ -403,9 +403,13 @@ class Stage1GAN(L.LightningModule):
         self.step_count += 1
         beta = ema_beta(self.global_batch, self.images_before + self.images_seen, cfg.optim.ema_kimg,
                         cfg.optim.ema_rampup)
-        update_ema(self.G_ema, self.G, beta)
+        update_ema(self.G_ema, self.G, beta, self.ema_prefixes())
         self._record("schedule/blur_sigma", torch.tensor(self.blur_sigma(step), device=self.device))
         self._record("schedule/ema_beta", torch.tensor(beta, device=self.device))
+
+    def ema_prefixes(self) -> tuple[str, ...] | None:
+        """Names of the G parameters G_ema follows (None: all of them)."""
+        return None
 
     # ------------------------------------------------------------------ logging
     def _record(self, key: str, value: torch.Tensor) -> None:

@@ -157,15 +157,19 @@ class Stage2GAN(Stage1GAN):
         G = self.G if G is None else G
         reg = self.cfg.regularizer
         align = G.align
+        w = w.float()
         w_n, r_n = align.normalize(w), align.normalize(r).detach()
         out = {}
-        delta = align.delta(w_n, r_n)
-        if reg.jacobian_weight > 0:
-            # d w_r / d r = d T_G / d r (w does not depend on r)
-            out["jacobian"] = jacobian_norm(lambda x: align.delta(w_n, x), r_n, reg.jacobian_estimator,
-                                            reg.jacobian_sigma, reg.jacobian_samples, fx=delta)
-        if reg.norm_weight > 0:
-            out["norm"] = norm_growth_penalty(w + delta, w)
+        # float32 like T_G's own forward: under bf16 autocast eq. 20's difference f(r + eps) - f(r)
+        # is mostly rounding error (2-3x the exact norm on a test network).
+        with torch.autocast(device_type=w.device.type, enabled=False):
+            delta = align.delta(w_n, r_n)
+            if reg.jacobian_weight > 0:
+                # d w_r / d r = d T_G / d r (w does not depend on r)
+                out["jacobian"] = jacobian_norm(lambda x: align.delta(w_n, x), r_n, reg.jacobian_estimator,
+                                                reg.jacobian_sigma, reg.jacobian_samples, fx=delta)
+            if reg.norm_weight > 0:
+                out["norm"] = norm_growth_penalty(w + delta, w)
         return out
 
     def loss_g_main(self, batch: int) -> torch.Tensor:
@@ -193,6 +197,11 @@ class Stage2GAN(Stage1GAN):
             for net in (self.G, self.D):
                 net.requires_grad_(False)
                 net.align.requires_grad_(module is None or module is net)
+
+    def ema_prefixes(self) -> tuple[str, ...] | None:
+        """With the backbone frozen G_ema follows T_G only: its backbone stays Stage 1's EMA weights
+        (following G's would pull it towards Stage 1's raw weights)."""
+        return ("align.",) if self._frozen_backbone() else None
 
     def trained_parameters(self, module: torch.nn.Module) -> list[torch.nn.Parameter]:
         return list(module.align.parameters()) if self._frozen_backbone() else list(module.parameters())
