@@ -8,13 +8,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from test_stage1 import small_config
 
-from clipportrait.canonical.cache import CacheWriter, load_canonical_embeddings, make_identity, read_manifest
+from clipportrait.canonical.cache import (CacheWriter, iter_shards, load_canonical_embeddings, make_identity,
+                                          read_manifest)
 from clipportrait.canonical.config import InversionConfig
 from clipportrait.canonical.inversion import Inverter, learning_rate, mean_w, neutral_condition
 from clipportrait.canonical.pipeline import canonicalize_dataset
@@ -372,7 +374,7 @@ def test_killed_run_resumes_without_recomputing_finished_shards(world, tmp_path)
         canonicalize_dataset(dataset, clip, _writer(world, tmp_path / "cache"), "canonical", killed, batch_size=2)
     manifest = read_manifest(tmp_path / "cache")
     assert sorted(manifest["shards"]) == ["shard-00000.npz", "shard-00001.npz"] and not manifest["complete"]
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["manifest.json", "shard-00000.npz",
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".lock", "manifest.json", "shard-00000.npz",
                                                                       "shard-00001.npz"]
     with pytest.raises(UserError, match="incomplete"):
         load_canonical_embeddings(tmp_path / "cache", dataset.index.names)
@@ -432,6 +434,7 @@ def test_corrupt_truncated_and_unrecorded_shards_are_detected(world, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         canonicalize_dataset(dataset, world["clip"], writer, "raw", batch_size=2, render_size=0)
     monkeypatch.setattr(CacheWriter, "_save_manifest", original)
+    writer.close()  # a real kill ends the process, and the lock with it
     again = _writer(world, out, embed="raw")
     assert again.pending() == [2]
     canonicalize_dataset(dataset, world["clip"], again, "raw", batch_size=2, render_size=0)
@@ -488,6 +491,119 @@ def test_datamodule_reads_a_matching_cache_and_refuses_other_datasets_and_checkp
         _writer(world, out, embed="raw", shard_size=2)
     assert _writer(world, out, embed="raw", shard_size=2, overwrite=True).pending() == [0, 1, 2]
     assert not (out / "shard-00000.npz").exists()
+
+
+def test_cache_made_with_skip_bad_is_served_to_the_skip_bad_dataset(world, tmp_path):
+    """data.skip_bad=true on both sides: canonicalize leaves the corrupt image out of the cache, and the
+    Stage-2 dataset (which skips it too) reads that cache and serves every usable image its own r, and
+    its flipped copy its own r_flipped."""
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    (data / "img00002.png").write_bytes(b"not a png")
+    dataset = PortraitDataset(data, resolution=RES, skip_bad=True)
+    identity = make_identity(embed="raw", stage1_sha256=None, lvlm_model_id=world["clip"].model_id,
+                             dataset_hash=dataset_content_hash(data), num_items=dataset.num_images, shard_size=2,
+                             config={})
+    canonicalize_dataset(dataset, world["clip"], CacheWriter(tmp_path / "cache", identity, {}), "raw", batch_size=5)
+    cached = {}
+    for arrays in iter_shards(tmp_path / "cache"):
+        cached.update({str(n): (r, rf) for n, r, rf in zip(arrays["names"], arrays["r"], arrays["r_flipped"])})
+    assert "img00002.png" not in cached and len(cached) == NUM_IMAGES - 1
+    served = PortraitDataset(data, resolution=RES, flip=True, skip_bad=True, clip_cache=str(tmp_path / "cache"))
+    for item in range(len(served)):
+        meta = served.metadata(item)
+        r, r_flipped = cached[served.index.names[int(meta["index"])]]
+        assert np.array_equal(meta["clip_embedding"].numpy(), r_flipped if meta["flip"] else r), item
+
+
+def _shard(index: int, width: int = 4) -> dict[str, np.ndarray]:
+    """Well-formed arrays of shard ``index`` (2 rows, embeddings of ``width``) of a cache of img00000.png..."""
+    return {"names": np.array([f"img{2 * index + i:05d}.png" for i in range(2)]),
+            "r": np.full((2, width), index, np.float32), "r_flipped": np.full((2, width), -index, np.float32),
+            "w": np.zeros((2, 3), np.float32), "lpips": np.zeros(2, np.float32)}
+
+
+def _nonfinite(key: str, row: int, value: float):
+    def damage(arrays):
+        arrays[key] = arrays[key].copy()
+        arrays[key][row, ...] = value
+    return damage
+
+
+SHARD_DAMAGE = {  # how shard 1 (dataset rows 2-3) is broken -> what the error must say
+    "nan_r": (_nonfinite("r", 1, np.nan), r"NaN/inf in \['r'\] at dataset rows \[3\] \(\['img00003.png'\]"),
+    "inf_r_flipped": (_nonfinite("r_flipped", 0, np.inf),
+                      r"NaN/inf in \['r_flipped'\] at dataset rows \[2\] \(\['img00002.png'\]"),
+    "nan_w": (_nonfinite("w", 1, np.nan), r"NaN/inf in \['w'\] at dataset rows \[3\]"),
+    "nan_lpips": (_nonfinite("lpips", 0, np.nan), r"NaN/inf in \['lpips'\] at dataset rows \[2\]"),
+    "float16": (lambda a: a.update(r=a["r"].astype(np.float16)), r"'r' float16 \(2, 4\), expected float32 \(n, 4\)"),
+    "rank3": (lambda a: a.update(r_flipped=a["r_flipped"][..., None]), r"'r_flipped' float32 \(2, 4, 1\)"),
+    "width": (lambda a: a.update(r=np.ones((2, 5), np.float32), r_flipped=np.ones((2, 5), np.float32)),
+              r"'r' float32 \(2, 5\), expected float32 \(n, 4\)"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(SHARD_DAMAGE))
+def test_writer_refuses_a_shard_with_non_finite_or_malformed_embeddings(world, tmp_path, damage):
+    """A diverged inversion (NaN/inf in r, r_flipped, w or lpips), float16 or 3-D embeddings, or a width
+    other than the cache's other shards' are refused (UserError naming the shard and, for non-finite
+    values, the dataset rows and images); nothing of that shard is stored, and a good one is then accepted."""
+    broken, message = SHARD_DAMAGE[damage]
+    arrays = _shard(1)
+    broken(arrays)
+    with _writer(world, tmp_path / "cache") as writer:
+        writer.write(0, _shard(0))
+        with pytest.raises(UserError, match=r"shard-00001.npz, it has " + message):
+            writer.write(1, arrays)
+        assert not (tmp_path / "cache" / "shard-00001.npz").exists()
+        assert list(read_manifest(tmp_path / "cache")["shards"]) == ["shard-00000.npz"]
+        writer.write(1, _shard(1))
+
+
+@pytest.mark.parametrize("damage", ["nan_r", "width", "rank3"])
+def test_reader_refuses_a_shard_with_non_finite_or_malformed_embeddings(world, tmp_path, damage):
+    """A shard whose embeddings are non-finite, of another rank, or of another width than the first
+    shard's (as code without the writer's checks could store, sha256 recorded) is a UserError naming
+    that shard's file, not a bare numpy error."""
+    out = tmp_path / "cache"
+    with _writer(world, out) as writer:
+        for shard in range(3):
+            writer.write(shard, _shard(shard))
+        writer.finish()
+    arrays = _shard(1)
+    SHARD_DAMAGE[damage][0](arrays)
+    name = "shard-00001.npz"
+    np.savez(out / name, **arrays)
+    manifest = read_manifest(out)
+    manifest["shards"][name].update(sha256=sha256_file(out / name), bytes=(out / name).stat().st_size)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=rf"{out / name} has {SHARD_DAMAGE[damage][1]}.*task.out={out}"):
+        load_canonical_embeddings(out, [f"img{i:05d}.png" for i in range(NUM_IMAGES)])
+
+
+def test_second_writer_on_a_directory_is_refused_until_the_first_ends(world, tmp_path):
+    """While a writer holds a cache directory another one is refused (UserError naming the directory)
+    and leaves the first's in-flight temporary alone; the lock is free again after close(), after
+    finish(), at the end of a with block, and after __init__ itself refused the directory."""
+    out = tmp_path / "cache"
+    first = _writer(world, out, embed="raw")
+    (out / ".shard-00000.npz.inflight.tmp").write_bytes(b"half")
+    with pytest.raises(UserError, match=f"another canonicalize run is writing {out}"):
+        _writer(world, out, embed="raw")
+    assert (out / ".shard-00000.npz.inflight.tmp").exists()
+    first.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        first.write(0, _shard(0))
+    with _writer(world, out, embed="raw"):
+        with pytest.raises(UserError, match="another canonicalize run"):
+            _writer(world, out, embed="raw")
+    finished = _writer(world, out, embed="raw")
+    canonicalize_dataset(PortraitDataset(world["data"], resolution=RES), world["clip"], finished, "raw", batch_size=6)
+    with pytest.raises(UserError, match="shard_size: cache has 2, this run has 3") as refused:
+        _writer(world, out, embed="raw", shard_size=3)
+    # ``finished`` is alive, and ``refused`` keeps the refused writer's frame: both let go of the lock.
+    _writer(world, out, embed="raw").close()
+    assert finished is not None and refused is not None
 
 
 # ----------------------------------------------------------------------------- the task

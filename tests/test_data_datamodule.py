@@ -214,6 +214,27 @@ def test_clip_cache_and_conditioning_sampler(folder, tmp_path):
         PortraitDataset(folder, RES, clip_cache=cache)
 
 
+def test_clip_cache_without_the_skipped_images_serves_the_usable_ones(folder, tmp_path):
+    """skip_bad=True with a corrupt image: a CLIP cache holding only the usable images loads (only
+    those are asked for) and every item, flipped copies included, gets its own image's embedding;
+    conditioning draws never see the skipped image's (empty) row."""
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    (bad / "images/000002.png").write_bytes(b"junk")
+    index = read_index(bad)
+    keep = [i for i in range(N) if i != 2]
+    emb = np.random.default_rng(1).normal(size=(N, 6)).astype(np.float32)
+    cache = tmp_path / "clip.npz"
+    np.savez(cache, names=np.array([index.names[i] for i in keep]), embeddings=emb[keep], embeddings_flipped=-emb[keep])
+    ds = PortraitDataset(bad, RES, flip=True, skip_bad=True, clip_cache=cache)
+    served = [ds.metadata(i) for i in range(len(ds))]
+    assert sorted(int(m["index"]) for m in served) == sorted(keep * 2)
+    for m in served:
+        expected = (-emb if m["flip"] else emb)[int(m["index"])]
+        assert torch.equal(m["clip_embedding"], torch.from_numpy(expected))
+    assert torch.isfinite(ConditioningSampler(ds, seed=0).sample(64)["clip_embedding"]).all()
+
+
 def test_config_errors():
     """Unknown data kinds and non-positive sizes are rejected naming the key."""
     with pytest.raises(ValueError, match="data.kind"):

@@ -108,6 +108,10 @@ class CountingEncoder:
     def __init__(self, inner, model_id=None):
         self.inner, self.model_id, self.calls, self.texts = inner, model_id or inner.model_id, 0, 0
 
+    @property
+    def embed_dim(self):
+        return self.inner.embed_dim
+
     def encode_text(self, texts):
         self.calls += 1
         self.texts += len(texts)
@@ -133,6 +137,49 @@ def test_text_cache_returns_identical_embeddings_without_re_encoding(random_tiny
     other = CountingEncoder(random_tiny, model_id="other-model@0123")
     TextEmbeddingCache(tmp_path, other)(texts)
     assert other.calls == 1 and len(list(tmp_path.iterdir())) == 2
+
+
+TEXT_DAMAGE = {  # how the stored vector of one text is broken (D: the encoder's width)
+    "empty": lambda path, D: path.write_bytes(b""),
+    "nan": lambda path, D: np.save(path, np.full(D, np.nan, np.float32)),
+    "wrong_shape": lambda path, D: np.save(path, np.ones(D + 3, np.float32)),
+    "strings": lambda path, D: np.save(path, np.array(["x"] * D)),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(TEXT_DAMAGE))
+def test_text_cache_re_encodes_empty_non_finite_and_misshapen_files(random_tiny, tmp_path, damage):
+    """A stored vector that is an empty file, non-finite, not of the encoder's shape (D,) or not
+    float32 is a miss: that text alone is encoded again and its file replaced by the good vector; the
+    other text is still read from disk."""
+    texts = ["red hair", "blue eyes"]
+    cache = TextEmbeddingCache(tmp_path, random_tiny)
+    good = cache(texts)
+    path = cache.path(texts[0])
+    TEXT_DAMAGE[damage](path, good.shape[1])
+    counting = CountingEncoder(random_tiny)
+    again = TextEmbeddingCache(tmp_path, counting)(texts)
+    assert (counting.calls, counting.texts) == (1, 1)
+    assert torch.allclose(again, good, atol=1e-5)
+    stored = np.load(path)
+    assert stored.dtype == np.float32 and np.allclose(stored, good[0].numpy(), atol=1e-5)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_text_cache_measures_the_width_of_an_encoder_without_embed_dim(tmp_path):
+    """An encoder with only model_id and encode_text: D is measured by encoding once, and a stored
+    vector of another width is re-encoded rather than returned (or breaking the stack)."""
+    class Plain:
+        model_id = "plain@0"
+
+        def encode_text(self, texts):
+            return torch.arange(4.0).expand(len(texts), 4)
+
+    cache = TextEmbeddingCache(tmp_path, Plain())
+    cache(["a", "b"])
+    np.save(cache.path("a"), np.ones(7, np.float32))
+    out = TextEmbeddingCache(tmp_path, Plain())(["a", "b"])
+    assert torch.equal(out, torch.arange(4.0).expand(2, 4)) and np.load(cache.path("a")).shape == (4,)
 
 
 def test_missing_weights_give_errors_naming_the_path_and_never_download(tmp_path, monkeypatch):

@@ -6,11 +6,13 @@
     <dir>/shard-00000.npz     rows [0, shard_size) of the dataset, in dataset order
     <dir>/shard-00001.npz     ...
     <dir>/report/             quality report of task=canonicalize (not read back)
+    <dir>/.lock               locked (flock) by the one writer allowed at a time
 
 Each shard holds ``names`` (n,), ``r`` (n,D) and ``r_flipped`` (n,D) CLIP embeddings (float32, of
 the canonical render x_hat and its mirror, or of the raw image and its mirror), and for
 ``embed=canonical`` also ``w`` (n,w_dim) or (n,num_ws,w_dim), ``lpips`` and ``loss`` (n,) of the
-inversion and, when renders are kept, ``inverted`` and ``canonical`` uint8 (n,s,s,3) images.
+inversion and, when renders are kept, ``inverted`` and ``canonical`` uint8 (n,s,s,3) images. D is
+the same in every shard, and the embeddings and inversion results are finite (checked on write and read).
 
 Writing is shard by shard: the shard goes to a temporary file that is renamed into place, then the
 manifest (also replaced atomically) records its sha256. A run killed at any point leaves only whole
@@ -21,6 +23,7 @@ refuses, ``on_corrupt="error"``); the reader always refuses it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -45,6 +48,8 @@ MANIFEST = "manifest.json"
 IDENTITY_KEYS = ("format_version", "embed", "stage1_sha256", "lvlm_model_id", "dataset_hash", "num_items",
                  "shard_size", "config")
 EMBEDDING_ARRAYS = ("names", "r", "r_flipped")
+FINITE_ARRAYS = ("r", "r_flipped", "w", "lpips", "loss")
+LOCK = ".lock"
 
 
 def shard_name(index: int) -> str:
@@ -88,6 +93,36 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def _content_problem(arrays: dict[str, np.ndarray], dim: int | None, first_row: int) -> str | None:
+    """None when ``r`` and ``r_flipped`` are float32 (n, dim) (dim None: any width, the same for both)
+    and every ``FINITE_ARRAYS`` member is finite, else what is wrong (naming dataset rows and images)."""
+    for key in ("r", "r_flipped"):
+        a = arrays[key]
+        if a.dtype != np.float32 or a.ndim != 2 or a.shape[1] != (dim or a.shape[1]):
+            return f"has {key!r} {a.dtype} {a.shape}, expected float32 (n, {dim or 'D'})"
+        dim = a.shape[1]
+    finite = {k: np.isfinite(arrays[k].reshape(len(arrays[k]), -1)).all(1) for k in FINITE_ARRAYS if k in arrays}
+    bad = np.flatnonzero(~np.logical_and.reduce(list(finite.values())))
+    if len(bad):
+        keys = [k for k, ok in finite.items() if not ok.all()]
+        return (f"has NaN/inf in {keys} at dataset rows {(bad[:10] + first_row).tolist()} "
+                f"({arrays['names'][bad[:10]].tolist()}; a diverged inversion: try a lower task.inversion.lr)")
+    return None
+
+
+def _lock(directory: Path):
+    """The open lock file of ``directory``, exclusively flock'ed (the lock goes with the descriptor):
+    a second writer would delete this one's temporaries and overwrite its manifest."""
+    f = open(directory / LOCK, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"another canonicalize run is writing {directory} (it holds {directory / LOCK}); wait "
+                        f"for it to end or use another task.out") from None
+    return f
+
+
 def _shard_ok(directory: Path, name: str, entry: dict[str, Any]) -> str | None:
     """None when the shard file matches its manifest entry, else what is wrong with it."""
     path = directory / name
@@ -106,7 +141,11 @@ class CacheWriter:
 
     A cache of another identity is refused (UserError listing the differences) unless
     ``overwrite``: then its shards and manifest are removed and the cache starts empty.
+    Holds the directory's lock until ``finish``/``close`` (or the end of a ``with`` block): a second
+    writer on the same directory meanwhile is a UserError.
     """
+
+    _lock = None  # the open lock file; class default so close() works on a half-built writer
 
     def __init__(self, directory: str | os.PathLike, identity: dict[str, Any], info: dict[str, Any],
                  on_corrupt: str = "recompute", overwrite: bool = False) -> None:
@@ -118,6 +157,15 @@ class CacheWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.identity = identity
         self.on_corrupt = on_corrupt
+        self._lock = _lock(self.directory)
+        try:
+            self._open(info, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, info: dict[str, Any], overwrite: bool) -> None:
+        identity = self.identity
         self._remove_stale_temporaries()
         manifest_path = self.directory / MANIFEST
         if manifest_path.exists():
@@ -137,6 +185,21 @@ class CacheWriter:
                          "shards": dict(old.get("shards", {})), "complete": False,
                          "created": old.get("created", time.strftime("%Y-%m-%dT%H:%M:%S"))}
         self._save_manifest()
+
+    def close(self) -> None:
+        """Release the directory lock (again: no-op)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a writer dropped unclosed (its run failed) lets go of the lock too
+        self.close()
 
     @property
     def num_shards(self) -> int:
@@ -174,7 +237,10 @@ class CacheWriter:
         return todo
 
     def write(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
-        """Store ``arrays`` as ``shard`` (atomically), then record it in the manifest."""
+        """Store ``arrays`` as ``shard`` (atomically), then record it in the manifest. Embeddings of
+        another dtype, rank or width than the other shards', or non-finite values, are a UserError."""
+        if self._lock is None:
+            raise RuntimeError(f"canonicalisation cache {self.directory}: the writer is closed")
         rows = self.rows(shard)
         missing = [k for k in EMBEDDING_ARRAYS if k not in arrays]
         if missing:
@@ -182,14 +248,18 @@ class CacheWriter:
         wrong = {k: v.shape for k, v in arrays.items() if v.shape[0] != len(rows)}
         if wrong:
             raise ValueError(f"shard {shard}: expected {len(rows)} rows in every array, got {wrong}")
+        name = shard_name(shard)
+        dim = next((e["dim"] for e in self.manifest["shards"].values() if "dim" in e), None)
+        problem = _content_problem(arrays, dim, rows.start)
+        if problem is not None:
+            raise UserError(f"canonicalisation cache {self.directory}: not writing {name}, it {problem}")
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         data = buffer.getvalue()
-        name = shard_name(shard)
         with atomic_open(self.directory / name, "wb") as f:
             f.write(data)
         self.manifest["shards"][name] = {"sha256": sha256_bytes(data), "bytes": len(data), "first": rows.start,
-                                         "rows": len(rows)}
+                                         "rows": len(rows), "dim": int(arrays["r"].shape[1])}
         self._save_manifest()
 
     def finish(self) -> None:
@@ -200,6 +270,7 @@ class CacheWriter:
         self.manifest["complete"] = True
         self.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self._save_manifest()
+        self.close()
 
     def _save_manifest(self) -> None:
         self.manifest["shards"] = dict(sorted(self.manifest["shards"].items()))
@@ -252,7 +323,12 @@ def load_canonical_embeddings(directory: str | os.PathLike, names: list[str], *,
                             f"manifest has sha256 {manifest.get('stage1_sha256')}, {stage1_checkpoint} has {actual}; "
                             f"run task=canonicalize with this checkpoint")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in EMBEDDING_ARRAYS}
-    for arrays in iter_shards(directory, manifest):
+    for shard, arrays in enumerate(iter_shards(directory, manifest)):
+        dim = parts["r"][0].shape[1] if parts["r"] else None
+        problem = _content_problem(arrays, dim, shard * manifest["shard_size"])
+        if problem is not None:
+            raise UserError(f"canonicalisation cache {directory / shard_name(shard)} {problem}; delete it and run "
+                            f"task=canonicalize with task.out={directory} again to recompute it")
         for key in EMBEDDING_ARRAYS:
             parts[key].append(arrays[key])
     cached_names = np.concatenate(parts["names"])

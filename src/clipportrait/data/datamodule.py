@@ -75,6 +75,15 @@ def load_clip_cache(path: str | os.PathLike, names: list[str], dataset_path: str
     return emb[order].astype(np.float32), None if flipped is None else flipped[order].astype(np.float32)
 
 
+def _by_row(emb: np.ndarray | None, rows: np.ndarray, size: int) -> np.ndarray | None:
+    """(size,D) table holding ``emb`` (len(rows),D) at ``rows`` and NaN elsewhere."""
+    if emb is None:
+        return None
+    table = np.full((size, emb.shape[1]), np.nan, np.float32)
+    table[rows] = emb
+    return table
+
+
 class PortraitDataset(Dataset):
     """The dataset at ``path`` (folder or zip) as training items (see the module docstring).
 
@@ -115,7 +124,10 @@ class PortraitDataset(Dataset):
         self.flip = flip
         self.clip, self.clip_flipped = (None, None)
         if clip_cache is not None:
-            self.clip, self.clip_flipped = load_clip_cache(clip_cache, self.index.names, dataset_path=path)
+            # Usable rows only: a cache made with skip_bad has no embedding for the skipped images. The
+            # tables stay indexed by dataset row; skipped rows are NaN and never served.
+            loaded = load_clip_cache(clip_cache, [self.index.names[i] for i in self.rows], dataset_path=path)
+            self.clip, self.clip_flipped = (_by_row(emb, self.rows, len(self.index.names)) for emb in loaded)
 
     @property
     def num_images(self) -> int:

@@ -2,7 +2,8 @@
 
 Layout: ``<directory>/<model id, made filename-safe>/<sha256(text)>.npy``, one float32 (D,) vector per
 text, each written atomically (`utils.files.atomic_open`), so concurrent runs and killed runs never
-leave a partial file; a lookup that finds no file (or an unreadable one) encodes the text again.
+leave a partial file; a lookup that finds no file, an unreadable one, or a vector that is not a finite
+float32 (D,) of the encoder encodes the text again and replaces the file.
 """
 
 from __future__ import annotations
@@ -24,13 +25,23 @@ def _safe(model_id: str) -> str:
 
 
 class TextEmbeddingCache:
-    """Text embeddings of ``encoder`` (anything with ``model_id`` and ``encode_text(list[str])``),
-    read from disk when present, encoded (in one batch per call) and stored otherwise."""
+    """Text embeddings of ``encoder`` (anything with ``model_id`` and ``encode_text(list[str])``;
+    ``embed_dim`` when it has one, else one text is encoded to measure D), read from disk when present,
+    encoded (in one batch per call) and stored otherwise."""
 
     def __init__(self, directory: str | os.PathLike, encoder) -> None:
         self.encoder = encoder
         self.folder = Path(directory) / _safe(encoder.model_id)
         self._memory: dict[str, torch.Tensor] = {}
+        self._dim: int | None = None
+
+    @property
+    def dim(self) -> int:
+        """D of the encoder's vectors: a stored vector of another shape is stale or damaged."""
+        if self._dim is None:
+            dim = getattr(self.encoder, "embed_dim", None)
+            self._dim = int(dim) if dim is not None else int(self.encoder.encode_text([""]).shape[-1])
+        return self._dim
 
     def path(self, text: str) -> Path:
         return self.folder / f"{hashlib.sha256(text.encode('utf-8')).hexdigest()}.npy"
@@ -40,9 +51,12 @@ class TextEmbeddingCache:
         if not path.is_file():
             return None
         try:
-            return torch.from_numpy(np.load(path, allow_pickle=False)).float()
-        except (OSError, ValueError):  # unreadable: encode again and overwrite
+            vector = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):  # unreadable (EOFError: empty file): encode again and overwrite
             return None
+        if vector.dtype != np.float32 or vector.shape != (self.dim,) or not np.isfinite(vector).all():
+            return None
+        return torch.from_numpy(vector)
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         """(len(texts), D) float32 embeddings, in order."""

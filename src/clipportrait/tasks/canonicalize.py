@@ -128,8 +128,9 @@ def run(cfg, ctx: RunContext) -> dict:
 
     console.print(f"canonicalize: {dataset.num_images} images, embed={t.embed}, {writer.num_shards} shards "
                   f"of {t.shard_size} -> {writer.directory}")
-    timing = canonicalize_dataset(dataset, clip, writer, t.embed, inverter, t.batch_size, t.render_size, on_shard,
-                                  oracle)
+    with writer:  # the directory's lock ends with the run, failed or not
+        timing = canonicalize_dataset(dataset, clip, writer, t.embed, inverter, t.batch_size, t.render_size,
+                                      on_shard, oracle)
     result = {"cache": str(writer.directory), "embed": t.embed, "images": dataset.num_images,
               "lvlm_model_id": clip.model_id, "dataset_hash": dataset_hash, **timing}
     if t.embed == "canonical":
