@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -58,6 +60,25 @@ def system(chain):
     return Stage2GAN.from_checkpoint(chain["stage2"]).eval()
 
 
+@pytest.fixture(scope="module")
+def deforming(chain):
+    """The chain's Stage-2 system with the surface-field deformation on (it adds no weights): without it
+    the morphable parameters change nothing in the render, so a test could not see them."""
+    from clipportrait.systems.stage1 import CHECKPOINT_KEY, load_checkpoint
+
+    checkpoint = load_checkpoint(chain["stage2"])
+    deformed = Stage2GAN.from_config_dict(checkpoint[CHECKPOINT_KEY]["config"], {"deformation": {"enabled": True}})
+    deformed.load_state_dict(checkpoint["state_dict"])
+    return deformed.eval()
+
+
+def other_morphables(chain, model) -> list:
+    """Two morphable choices for SEEDS unlike each other: dataset rows (one per seed, rows unlike each
+    other) and explicit expression and shape vectors."""
+    return [resolve_morphable(model, SEEDS, "from_dataset", dataset_path=str(chain["root"] / "syn")),
+            resolve_morphable(model, SEEDS, expression_vector=[0.8] * model.n_expr, shape_vector=[0.5] * model.n_shape)]
+
+
 def png(path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
@@ -88,7 +109,9 @@ def test_generate_writes_every_output_with_the_right_shape(chain, generated):
     latency = record["latency_ms"]
     # grid + alpha sweep + turntable frames, every one of them for each prompt and seed
     assert latency["images_generated"] == P * S * (1 + len(SWEEP) + FRAMES)
-    assert latency["text_encoding_per_prompt"] > 0 and latency["generation_per_image"] > 0
+    # one encode call (a first call), many renders of one batch size: the first one reported apart
+    assert latency["text_encoding_per_prompt"] is None and latency["text_encoding_first_call_per_prompt"] > 0
+    assert latency["generation_per_image"] > 0 and latency["generation_first_call_per_image"] > 0
 
 
 def test_alpha_zero_is_the_unconditional_stage1_portrait(chain, generated, system):
@@ -116,23 +139,79 @@ def test_alpha_zero_is_the_unconditional_stage1_portrait(chain, generated, syste
     assert (at_one - stage1).abs().max() > 1e-4
 
 
-def test_the_cuda_graph_switch_changes_nothing_on_a_cpu(chain, system):
-    """task.cuda_graphs applies to CUDA only: on a CPU the engine computes exactly what it does without."""
+def test_the_cuda_graph_switch_changes_nothing_on_a_cpu(chain, deforming):
+    """task.cuda_graphs applies to CUDA only: on a CPU the engine computes exactly what it does without,
+    call after call with other morphable parameters (which change the render: the deformation is on)."""
     from clipportrait.lvlm import build_clip
 
     clip = build_clip(compose(chain["root"], *generate_args(chain)).lvlm)
-    plain, switched = (TextToPortrait(system, clip, truncation_psi=0.7, cuda_graphs=g) for g in (False, True))
-    cond = {"camera": view_labels(20.0, 0.0).expand(2, -1), **resolve_morphable(system.geometry.morphable, SEEDS).rows([0, 1])}
-    a = plain.render(SEEDS, cond, plain.encode(PROMPTS), 0.5)["image"]
-    b = switched.render(SEEDS, cond, switched.encode(PROMPTS), 0.5)["image"]
-    assert torch.equal(a, b) and not switched.graphs_used()
-    # prompt -> portrait in one call: the same embeddings and images as encode, then render
-    one_call = switched.portraits(PROMPTS, SEEDS, cond, 0.5)
-    assert torch.equal(one_call["image"], a) and torch.equal(one_call["embedding"], plain.encode(PROMPTS))
+    plain, switched = (TextToPortrait(deforming, clip, truncation_psi=0.7, cuda_graphs=g) for g in (False, True))
+    images = []
+    for morph in other_morphables(chain, deforming.geometry.morphable):
+        cond = {"camera": view_labels(20.0, 0.0).expand(2, -1), **morph.rows([0, 1])}
+        a = plain.render(SEEDS, cond, plain.encode(PROMPTS), 0.5)["image"]
+        b = switched.render(SEEDS, cond, switched.encode(PROMPTS), 0.5)["image"]
+        assert torch.equal(a, b) and not switched.graphs_used()
+        # prompt -> portrait in one call: the same embeddings and images as encode, then render
+        one_call = switched.portraits(PROMPTS, SEEDS, cond, 0.5)
+        assert torch.equal(one_call["image"], a) and torch.equal(one_call["embedding"], plain.encode(PROMPTS))
+        images.append(a)
+    assert (images[0] - images[1]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="one prompt per seed"):
         plain.portraits(PROMPTS[:1], SEEDS, cond, 0.5)
     with pytest.raises(UserError, match="alpha > 0 needs a CLIP embedding"):
         plain.render(SEEDS, cond, None, 0.5)
+
+
+def test_the_engine_refuses_row_counts_unlike_the_seeds(chain, system):
+    """Every conditioning input, alpha and the text embedding of a render need one row per seed: another
+    count is refused up front naming the input and both counts (not deep inside the render)."""
+    from clipportrait.lvlm import build_clip
+
+    engine = TextToPortrait(system, build_clip(compose(chain["root"], *generate_args(chain)).lvlm), truncation_psi=0.7)
+    text = engine.encode(PROMPTS)
+    morph = resolve_morphable(system.geometry.morphable, SEEDS)
+    cond = {"camera": neutral_labels(2), **morph.rows([0, 1])}
+    wrong = {"conditioning camera: 1 rows for 2 seeds": ({**cond, "camera": neutral_labels(1)}, text, 1.0),
+             "conditioning expression: 1 rows for 2 seeds": ({**cond, "expression": cond["expression"][:1]}, text, 1.0),
+             "conditioning flip: 3 rows for 2 seeds": ({**cond, "flip": torch.zeros(3, dtype=torch.bool)}, text, 1.0),
+             "alpha: 3 values for 2 seeds": (cond, text, torch.ones(3)),
+             "embedding: 1 rows for 2 seeds": (cond, text[:1], 1.0)}
+    for message, (bad_cond, embedding, alpha) in wrong.items():
+        with pytest.raises(ValueError, match=_literal(message)):
+            engine.render(SEEDS, bad_cond, embedding, alpha)
+    with pytest.raises(ValueError, match=_literal("conditioning camera: 1 rows for 2 seeds")):
+        engine.portraits(PROMPTS, SEEDS, {**cond, "camera": neutral_labels(1)}, 1.0)
+    assert engine.render(SEEDS, cond, text, torch.tensor([1.0, 0.5]))["image"].shape[0] == 2  # one alpha per seed
+
+
+def test_latency_reports_first_calls_apart(chain, system):
+    """The first call of an input signature (batch size) holds CUDA-graph capture, warm-up runs or
+    torch.compile's compilation: it is counted under <stage>_first_call, and the stage's per-image
+    latency covers the later (warm) calls only. Here the first render is made 1 s slower."""
+    from clipportrait.lvlm import build_clip
+
+    engine = TextToPortrait(system, build_clip(compose(chain["root"], *generate_args(chain)).lvlm), truncation_psi=0.7)
+    graphed = engine._graphs["portrait"]
+    plain, calls = graphed.fn, []
+
+    def slow_first(*inputs):  # stands in for a capture or a compilation
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)
+        return plain(*inputs)
+
+    graphed.fn = slow_first
+    text = engine.encode(PROMPTS)
+    engine.encode(PROMPTS[::-1])
+    cond = {"camera": neutral_labels(2), **resolve_morphable(system.geometry.morphable, SEEDS).rows([0, 1])}
+    for _ in range(3):  # batch 2: one first call, two warm ones
+        engine.render(SEEDS, cond, text, 1.0)
+    engine.render(SEEDS[:1], {k: v[:1] for k, v in cond.items()}, text[:1], 1.0)  # batch 1: a first call
+    assert engine.latency.items == {"text_encoding_first_call": 2, "text_encoding": 2,
+                                    "generation_first_call": 3, "generation": 4}
+    latency = engine.latency.per_item_ms()
+    assert latency["generation_first_call"] > 1000 / 3 and latency["generation"] < 250
 
 
 def test_a_text_copy_is_the_text_tower_alone_in_its_own_dtype(chain):
@@ -154,31 +233,35 @@ def test_a_text_copy_is_the_text_tower_alone_in_its_own_dtype(chain):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_replays_equal_the_eager_engine(chain, system):
+def test_cuda_graph_replays_equal_the_eager_engine(chain, deforming):
     """With cuda_graphs, text encoding and generation (apart, or prompt -> portrait as one graph) are
-    replayed from graphs captured at the first call of a batch size; later calls with other prompts, seeds, cameras, expressions and alpha give
-    what the eager engine gives, and a non-finite input is refused (a host one before a replay, a
-    device one by the graph's own check)."""
+    replayed from graphs captured at the first call of a batch size; later calls with other prompts,
+    seeds, cameras, expression and shape vectors and alpha give what the eager engine gives (the
+    deformation is on, so the morphable inputs change the render: a replay of the first call's would
+    show), and a non-finite input is refused (a host one before a replay, a device one by the graph's
+    own check)."""
     import copy
 
     from clipportrait.lvlm import build_clip
 
-    gpu = copy.deepcopy(system).cuda()
+    gpu = copy.deepcopy(deforming).cuda()
     clip = build_clip(compose(chain["root"], *generate_args(chain)).lvlm)
     clip.model.cuda()
     eager, graphed = (TextToPortrait(gpu, clip, truncation_psi=0.7, cuda_graphs=g) for g in (False, True))
-    morph = resolve_morphable(gpu.geometry.morphable, SEEDS, expression="smile")
-    cases = [(PROMPTS, SEEDS, 0.0, [0, 1], 1.0), (PROMPTS[::-1], [7, 11], 30.0, [1, 0], 0.4)]
-    for prompts, seeds, yaw, rows, alpha in cases:
+    morphs = other_morphables(chain, gpu.geometry.morphable)
+    cases = [(PROMPTS, SEEDS, 0.0, morphs[0], 1.0), (PROMPTS[::-1], [7, 11], 30.0, morphs[1], 0.4)]
+    for prompts, seeds, yaw, morph, alpha in cases:
         text_e, text_g = eager.encode(prompts), graphed.encode(prompts)
         assert torch.allclose(text_g, text_e, atol=1e-6)
-        cond = {"camera": view_labels(yaw, 5.0).expand(2, -1), **morph.rows(rows)}
+        cond = {"camera": view_labels(yaw, 5.0).expand(2, -1), **morph.rows([0, 1])}
         a, b = eager.render(seeds, cond, text_e, alpha), graphed.render(seeds, cond, text_g, alpha)
         c = graphed.portraits(prompts, seeds, cond, alpha)  # text tower and generator in one graph
         assert torch.allclose(c["embedding"], text_e, atol=1e-6)
         for key in ("image", "image_depth", "image_alpha"):
             assert torch.allclose(a[key], b[key], atol=1e-5), key
             assert torch.allclose(a[key], c[key], atol=1e-5), key
+    stale = eager.render(seeds, {**cond, **morphs[0].rows([0, 1])}, text_e, alpha)  # the first call's morphable
+    assert (stale["image"] - a["image"]).abs().max() > 1e-3  # ... which the checks above would have caught
     assert graphed.graphs_used() and graphed.graph_failure is None
     assert [len(graphed._graphs[k]) for k in ("portrait", "text", "prompt_portrait")] == [1, 1, 1]
     with torch.autocast("cuda", dtype=torch.bfloat16):  # the text tower on the engine's bf16 copy, autocast off
@@ -291,6 +374,37 @@ def test_modality_gap_offset_matches_a_hand_computation(chain):
     assert torch.allclose(corrected.double(), by_hand / by_hand.norm(dim=-1, keepdim=True), atol=1e-5)
 
 
+def test_modality_gap_takes_the_captions_of_the_caches_dataset(chain, tmp_path):
+    """The text mean comes from the captions of the dataset the cache was made from (its manifest's
+    path) even where data.path does not exist; a data.path holding another dataset (another content
+    hash) is refused naming both; with the cache's dataset gone, a copy at data.path serves; with
+    neither, a UserError says so."""
+    from clipportrait.lvlm import build_clip
+
+    clip = build_clip(compose(chain["root"], *generate_args(chain)).lvlm)
+    syn, cache = chain["root"] / "syn", chain["cache"]
+    expected = ModalityGap.estimate(clip, cache, syn)
+    default = ModalityGap.estimate(clip, cache, tmp_path / "no_dataset")
+    assert default.dataset == str(syn) and torch.equal(default.offset, expected.offset)
+    other = tmp_path / "other"
+    shutil.copytree(syn, other)
+    image = sorted((other / "images").iterdir())[0]
+    image.write_bytes(image.read_bytes() + b"\0")  # other image bytes: another dataset
+    with pytest.raises(UserError, match=_literal(f"data.path={other} is not the dataset CLIP cache {cache} was made "
+                                                 f"from ({syn})")):
+        ModalityGap.estimate(clip, cache, other)
+    moved = tmp_path / "cache"  # the cache of a dataset that is not here (made on another machine)
+    shutil.copytree(cache, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["dataset"]["path"] = str(tmp_path / "gone")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copytree(syn, tmp_path / "copy")
+    copied = ModalityGap.estimate(clip, moved, tmp_path / "copy")
+    assert copied.dataset == str(tmp_path / "copy") and torch.equal(copied.offset, expected.offset)
+    with pytest.raises(UserError, match=_literal(f"{tmp_path / 'gone'}, which is not here, nor is data.path=")):
+        ModalityGap.estimate(clip, moved, tmp_path / "no_dataset")
+
+
 def test_prompts_file_and_token_limits(tmp_path, chain):
     from clipportrait.lvlm import build_clip
 
@@ -305,6 +419,57 @@ def test_prompts_file_and_token_limits(tmp_path, chain):
     prompts = gather_prompts(["first"], str(path))
     assert [p.text for p in prompts] == ["first", "a person with red hair", "a person with green eyes"]
     assert prompts[2].source == f"task.prompts_file={path} line 5"
+
+
+def test_prompts_that_clean_to_no_tokens_are_refused(chain):
+    """open_clip unescapes HTML entities and drops whitespace: "&nbsp;" or "&#32;&#32;" leave the start
+    and end tokens alone and embed like the empty prompt; they are refused naming the prompt."""
+    from clipportrait.lvlm import build_clip
+
+    tokenizer = build_clip(compose(chain["root"], *generate_args(chain)).lvlm).tokenizer
+    assert validate_prompts(gather_prompts(["a"], None), tokenizer) == ["a"]  # one token: fine
+    for text in ("&nbsp;", "&#32;&#32;"):
+        with pytest.raises(UserError, match=_literal(f"task.prompts[1]={text!r}: no tokens once the tokenizer has "
+                                                     "cleaned it")):
+            validate_prompts(gather_prompts(["fine", text], None), tokenizer)
+
+
+def test_a_prompts_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """A prompts file saved as UTF-8 with a byte-order mark: the mark does not stick to the first line, so
+    a first comment line stays a comment and a first prompt keeps its own text."""
+    from clipportrait.generation.prompts import read_prompts_file
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("# my prompts\na person with red hair\n".encode("utf-8-sig"))
+    assert [(p.text, p.source) for p in read_prompts_file(path)] == [("a person with red hair",
+                                                                       f"task.prompts_file={path} line 2")]
+    path.write_bytes("a person with red hair\n".encode("utf-8-sig"))
+    assert [p.text for p in read_prompts_file(path)] == ["a person with red hair"]
+
+
+def test_generate_and_evaluate_open_checkpoints_with_this_machines_flame_files(chain, tmp_path, monkeypatch):
+    """FLAME's files cannot travel inside a checkpoint: task=generate and task=evaluate both hand this
+    machine's morphable.flame_path and flame_landmarks_path to open_for_inference."""
+    from clipportrait.systems import bundle
+    from clipportrait.tasks import evaluate
+
+    class Opened(Exception):
+        pass
+
+    seen = []
+
+    def record(path, **kwargs):
+        seen.append(kwargs.get("overrides"))
+        raise Opened
+
+    monkeypatch.setattr(bundle, "open_for_inference", record)
+    flame = {"flame_path": "/elsewhere/flame2023.pkl", "flame_landmarks_path": "/elsewhere/landmarks.npy"}
+    machine = [f"morphable.{k}={v}" for k, v in flame.items()]
+    for task, args in ((generate, generate_args(chain, "task.turntable=false")),
+                       (evaluate, ["task=evaluate", f"task.checkpoint={chain['stage2']}"])):
+        with pytest.raises(Opened):
+            task.run(compose(chain["root"], *args, *machine), RunContext(run_dir=tmp_path / task.__name__))
+    assert [o["morphable"] for o in seen] == [flame, flame]
 
 
 BAD_INPUTS = {

@@ -7,8 +7,9 @@ correction estimates the gap as one constant vector,
 
     offset = mean_x r_x  -  mean_c E_T(c)
 
-(mean image embedding of the cache minus the mean text embedding of the dataset's own captions),
-and feeds T_G  normalise(r_t + offset)  instead of r_t.
+(mean image embedding of the cache minus the mean text embedding of the captions of the dataset the
+cache was made from: the one its manifest names, checked by content hash), and feeds T_G
+normalise(r_t + offset)  instead of r_t.
 """
 
 from __future__ import annotations
@@ -59,17 +60,53 @@ def mean_cache_embedding(cache: str | Path) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(total / count).float(), count
 
 
+def caption_dataset(cache: str | Path, data_path: str | Path) -> Path:
+    """The dataset whose captions give the text mean: the one the image embeddings of ``cache`` were
+    made from. A canonicalisation cache's manifest names it (path and content hash): that path when it
+    is here, else ``data_path`` (data.path, a copy); either one found, and data.path whenever it exists,
+    must hash to the manifest's dataset hash (UserError naming both otherwise). A ``.npz`` cache names
+    no dataset: ``data_path`` is taken on trust."""
+    cache, data_path = Path(cache), Path(data_path)
+    if not cache.is_dir():
+        return data_path
+    from ..canonical.cache import read_manifest
+    from ..data.format import DatasetError
+    from ..metrics.evaluation import dataset_content_hash
+
+    manifest = read_manifest(cache)
+    expected, recorded = manifest.get("dataset_hash"), (manifest.get("dataset") or {}).get("path")
+    found = [p for p in ([Path(recorded)] if recorded else []) + [data_path] if p.exists()]
+    if not found:
+        raise UserError(f"modality_gap=mean_offset takes its captions from the dataset CLIP cache {cache} was made "
+                        f"from, {recorded}, which is not here, nor is data.path={data_path}: set data.path to that "
+                        "dataset")
+    for path in found:
+        what = f"data.path={data_path}" if path == data_path else f"the cache's dataset {path}"
+        try:
+            actual = dataset_content_hash(path)
+        except (OSError, DatasetError) as err:
+            raise UserError(f"modality_gap=mean_offset: {what} is unreadable as a dataset ({err})") from None
+        if actual != expected:
+            raise UserError(f"modality_gap=mean_offset: {what} is not the dataset CLIP cache {cache} was made from "
+                            f"({recorded}): its content hash is {actual}, the manifest's {expected}; set data.path "
+                            "to that dataset (or run task=canonicalize on this one)")
+    return found[0]
+
+
 def dataset_captions(dataset_path: str | Path) -> list[str]:
     """Every caption of the dataset's attributes.json (data.synthetic.make_captions writes them)."""
-    from ..data.format import read_index
+    from ..data.format import DatasetError, read_index
 
-    index = read_index(dataset_path)
+    try:
+        index = read_index(dataset_path)
+    except (FileNotFoundError, DatasetError) as err:
+        raise UserError(f"dataset {dataset_path}: no captions to estimate the modality gap from ({err})") from None
     if index.attributes is None:
-        raise UserError(f"data.path={dataset_path}: no attributes.json, so no captions to estimate the modality gap "
+        raise UserError(f"dataset {dataset_path}: no attributes.json, so no captions to estimate the modality gap "
                         "from (modality_gap=mean_offset needs the dataset's captions)")
     captions = [c for entry in index.attributes.values() for c in entry.get("captions", []) if str(c).strip()]
     if not captions:
-        raise UserError(f"data.path={dataset_path}: attributes.json has no captions")
+        raise UserError(f"dataset {dataset_path}: attributes.json has no captions")
     return captions
 
 
@@ -84,8 +121,10 @@ class ModalityGap:
     dataset: str
 
     @classmethod
-    def estimate(cls, clip, cache: str | Path, dataset_path: str | Path) -> "ModalityGap":
+    def estimate(cls, clip, cache: str | Path, data_path: str | Path) -> "ModalityGap":
+        """The offset of ``cache``'s images and the captions of its dataset (``caption_dataset``)."""
         image_mean, images = mean_cache_embedding(cache)
+        dataset_path = caption_dataset(cache, data_path)
         captions = dataset_captions(dataset_path)
         text_mean = clip.encode_text(captions).double().mean(0).float().cpu()
         if text_mean.shape != image_mean.shape:

@@ -4,7 +4,9 @@ At inference the text embedding r_t takes the place of the image embedding r_x t
 trained on (paper sec. 2): w_r(alpha) = w + alpha T_G(w, r_t) (eq. 11), then Stage 1's synthesis
 with the mesh of the requested morphable parameters and the requested camera. Latencies are
 measured per call (``LatencyMeter``: the host clock on CPUs, CUDA events on GPUs) and reported per
-prompt (text encoding) and per image (generation).
+prompt (text encoding) and per image (generation); a call that runs inputs of a new signature (batch
+size, dtypes, autocast) is reported apart, as ``<stage>_first_call``: it holds the graph capture and
+its warm-up runs, or torch.compile's compilation, which later calls of that signature do not pay.
 
 The engine freezes the generator's weights (``nn.layers.freeze_weights``): the folded up-sampling
 kernels, casts and demodulation sums are computed once, not per call; on CUDA it keeps a bf16 copy of
@@ -45,26 +47,29 @@ class LatencyMeter:
     """Accumulated time (ms) and item counts per named stage: the host clock on CPUs; on CUDA, events
     recorded on the stream around the stage (from when the GPU is free for it to when its work is
     done, host time while the GPU waits included), read when the totals are asked for, so measuring
-    adds no synchronisation to the calls."""
+    adds no synchronisation to the calls. The measured block may rename its stage (``call["name"]``)
+    when it learns what it was, e.g. a first call."""
 
     totals_ms: dict[str, float] = field(default_factory=dict)
     items: dict[str, int] = field(default_factory=dict)
     _pending: list = field(default_factory=list)
 
     @contextmanager
-    def measure(self, name: str, items: int, device: torch.device) -> Iterator[None]:
-        self.items[name] = self.items.get(name, 0) + int(items)
-        self.totals_ms.setdefault(name, 0.0)
+    def measure(self, name: str, items: int, device: torch.device) -> Iterator[dict]:
+        call = {"name": name}
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            yield
+            yield call
             end.record()
-            self._pending.append((name, start, end))
-            return
-        begin = time.perf_counter()
-        yield
-        self.totals_ms[name] += (time.perf_counter() - begin) * 1e3
+            self._pending.append((call["name"], start, end))
+            elapsed = 0.0
+        else:
+            begin = time.perf_counter()
+            yield call
+            elapsed = (time.perf_counter() - begin) * 1e3
+        self.totals_ms[call["name"]] = self.totals_ms.get(call["name"], 0.0) + elapsed
+        self.items[call["name"]] = self.items.get(call["name"], 0) + int(items)
 
     def per_item_ms(self) -> dict[str, float]:
         for name, start, end in self._pending:
@@ -72,6 +77,14 @@ class LatencyMeter:
             self.totals_ms[name] += start.elapsed_time(end)
         self._pending.clear()
         return {name: self.totals_ms[name] / max(self.items[name], 1) for name in self.totals_ms}
+
+
+def check_rows(count: int, tensors: dict[str, torch.Tensor]) -> None:
+    """ValueError naming every tensor whose leading dimension is not ``count`` (one row per seed):
+    caught here, a wrong count would fail deep inside the render, naming none of the inputs."""
+    wrong = [f"{name}: {len(x) if x.ndim else 'no'} rows" for name, x in tensors.items() if not x.ndim or len(x) != count]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} for {count} seeds; expected one row per seed")
 
 
 def latent(seed: int, z_dim: int) -> torch.Tensor:
@@ -104,6 +117,8 @@ class TextToPortrait:
         self.latency = LatencyMeter()
         self.cuda_graphs = bool(cuda_graphs)
         self.graph_failure: str | None = None  # why capturing failed (the engine then runs eagerly)
+        self._seen: set[tuple] = set()  # (graph name, input signature) of every call so far
+        self._cold = False  # whether the call being measured ran a signature for the first time
         self._graphs = {"text": GraphedFunction(self._embed_tokens, device=clip.device, check_finite=True),
                         "portrait": GraphedFunction(self._portrait, device=device, check_finite=True),
                         "prompt_portrait": GraphedFunction(self._prompt_portrait, device=device, check_finite=True)}
@@ -120,6 +135,9 @@ class TextToPortrait:
         CUDA graph when enabled and on CUDA, else called; a capture that fails is logged once and the
         engine goes on eagerly."""
         graphed = self._graphs[name]
+        signature = (name, GraphedFunction.signature(tuple(inputs.values()), device))  # what a graph is keyed on
+        self._cold |= signature not in self._seen
+        self._seen.add(signature)
         if self.cuda_graphs and self.graph_failure is None and device.type == "cuda":
             try:
                 return graphed(*inputs.values(), names=tuple(inputs))
@@ -164,6 +182,16 @@ class TextToPortrait:
                                    truncation_psi=self.truncation_psi, rays=rays)
         return {k: out[k] for k in OUTPUT_KEYS}
 
+    @contextmanager
+    def _measure(self, name: str, items: int, device: torch.device) -> Iterator[None]:
+        """``latency.measure`` of the block as ``name``, or as ``<name>_first_call`` when it ran a new
+        signature: capture, warm-up and compilation are not the steady-state latency."""
+        self._cold = False
+        with self.latency.measure(name, items, device) as call:
+            yield
+            if self._cold:
+                call["name"] = f"{name}_first_call"
+
     @property
     def device(self) -> torch.device:
         """The generator's device (where the engine was built)."""
@@ -173,7 +201,7 @@ class TextToPortrait:
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """(P,D) embeddings fed to T_G: E_T(prompt), corrected by the modality gap when one is set."""
         prompts = list(prompts)
-        with self.latency.measure("text_encoding", len(prompts), self._text_device):
+        with self._measure("text_encoding", len(prompts), self._text_device):
             chunks = [self._run("text", {"tokens": self.clip.tokenize(prompts[i:i + self.clip.batch_size])},
                                 self._text_device)["embedding"] for i in range(0, len(prompts), self.clip.batch_size)]
         return torch.cat(chunks).to(self.device)
@@ -185,8 +213,9 @@ class TextToPortrait:
         ``embedding`` ((B,D), or None with alpha 0: the unconditional Stage-1 portrait): ``OUTPUT_KEYS``."""
         inputs = self._inputs(seeds, cond, alpha, with_text=embedding is not None)
         if embedding is not None:
+            check_rows(len(seeds), {"embedding": embedding})
             inputs["embedding"] = embedding
-        with self.latency.measure("generation", len(seeds), self._device):
+        with self._measure("generation", len(seeds), self._device):
             return self._run("portrait", inputs, self._device)
 
     @torch.no_grad()
@@ -203,7 +232,7 @@ class TextToPortrait:
             embedding = self.encode(prompts)
             return {"embedding": embedding, **self.render(seeds, cond, embedding, alpha)}
         inputs = {"tokens": self.clip.tokenize(prompts), **self._inputs(seeds, cond, alpha, with_text=True)}
-        with self.latency.measure("text_to_portrait", len(seeds), self._device):
+        with self._measure("text_to_portrait", len(seeds), self._device):
             return self._run("prompt_portrait", inputs, self._device)
 
     def _inputs(self, seeds: Sequence[int], cond: dict[str, torch.Tensor], alpha: float | torch.Tensor,
@@ -215,9 +244,12 @@ class TextToPortrait:
             raise KeyError(f"conditioning: missing {missing} (have {sorted(cond)})")
         inputs = {"z": torch.stack([latent(s, self.system.cfg.backbone.z_dim) for s in seeds])}
         inputs.update({k: cond[k] for k in COND_KEYS})
+        check_rows(len(seeds), {f"conditioning {k}": cond[k] for k in COND_KEYS})
         if not with_text:  # Stage 2's own check, here on the host (a graph cannot hold it)
             self.system.alpha_of({"alpha": alpha}, len(seeds), torch.device("cpu"))
         # alpha as a (B,) tensor: a graph replays any value; 0 without an embedding (Stage 1's portrait)
         alpha = torch.as_tensor(alpha, dtype=torch.float32)
+        if alpha.ndim and alpha.numel() != len(seeds):
+            raise ValueError(f"alpha: {alpha.numel()} values for {len(seeds)} seeds; expected one number, or one per seed")
         inputs["alpha"] = alpha.expand(len(seeds)).contiguous() if alpha.ndim == 0 else alpha
         return inputs

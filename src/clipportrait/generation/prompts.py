@@ -2,7 +2,8 @@
 
 A prompt longer than the CLIP tokenizer's context length would be truncated silently by open_clip
 (the end of the prompt dropped); it is refused instead, with its token count. Empty prompts are
-refused too: CLIP embeds "" to a fixed vector that means nothing the user asked for.
+refused too, and so are prompts that clean to no tokens ("&nbsp;", "&#32;": open_clip unescapes HTML and
+drops whitespace): CLIP embeds them as it embeds "", a fixed vector that means nothing the user asked for.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def read_prompts_file(path: str | Path) -> list[Prompt]:
     if not path.is_file():
         raise UserError(f"task.prompts_file={path}: no such file (expected a text file with one prompt per line)")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark (Windows editors) would otherwise glue itself to the first line
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"task.prompts_file={path}: unreadable as UTF-8 text ({err})") from None
     return [Prompt(line.strip(), f"task.prompts_file={path} line {number}")
@@ -62,17 +64,22 @@ def token_count(tokenizer, text: str) -> int:
 
 
 def validate_prompts(prompts: Sequence[Prompt], tokenizer) -> list[str]:
-    """The prompt texts; UserError naming every empty or over-long prompt and where it came from."""
+    """The prompt texts; UserError naming every empty (also once cleaned) or over-long prompt and where it
+    came from."""
     limit = context_length(tokenizer)
+    nothing = token_count(tokenizer, "")  # the start and end tokens alone
     problems = []
     for prompt in prompts:
         if not prompt.text:
             problems.append(f"{prompt.source}: empty prompt (expected some text)")
             continue
         count = token_count(tokenizer, prompt.text)
-        if count > limit:
-            problems.append(f"{prompt.source}={prompt.text[:60]!r}{'...' if len(prompt.text) > 60 else ''}: "
-                            f"{count} tokens, more than the tokenizer's context length {limit} (it would be "
+        shown = f"{prompt.source}={prompt.text[:60]!r}{'...' if len(prompt.text) > 60 else ''}"
+        if count <= nothing:
+            problems.append(f"{shown}: no tokens once the tokenizer has cleaned it (HTML entities unescaped, "
+                            "whitespace dropped), so it embeds like an empty prompt; expected some text")
+        elif count > limit:
+            problems.append(f"{shown}: {count} tokens, more than the tokenizer's context length {limit} (it would be "
                             f"truncated); shorten it")
     if problems:
         raise UserError("bad prompts:\n  " + "\n  ".join(problems))

@@ -31,6 +31,7 @@ def run(cfg, ctx: RunContext) -> dict:
     from ..errors import UserError
     from ..systems.callbacks import evaluate_system, real_statistics
     from ..systems.bundle import open_for_inference
+    from .generate import machine_overrides
 
     t = cfg.task
     try:
@@ -41,7 +42,8 @@ def run(cfg, ctx: RunContext) -> dict:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(t.device)
-    system, opened = open_for_inference(t.checkpoint, map_location=device)  # a checkpoint or a bundle
+    # a checkpoint or a bundle, with this machine's FLAME files (as task=generate opens it)
+    system, opened = open_for_inference(t.checkpoint, map_location=device, overrides=machine_overrides(cfg))
     kind = opened["kind"]
     # The step and image count the checkpoint was saved at (loading weights leaves the system at 0).
     step, kimg = opened["step"], opened["images_seen"] / 1000

@@ -135,6 +135,14 @@ def check_lvlm(cache: str | None, clip) -> dict:
     return {"check": "matched", "cache_lvlm_model_id": expected}
 
 
+def machine_overrides(cfg) -> dict:
+    """The config groups of this machine that replace a checkpoint's own (``open_for_inference``'s
+    ``overrides``): FLAME cannot travel inside checkpoints, its files are wherever this machine's
+    config says (morphable.flame_path, morphable.flame_landmarks_path)."""
+    paths = {k: getattr(cfg.morphable, k) for k in ("flame_path", "flame_landmarks_path") if getattr(cfg.morphable, k)}
+    return {"morphable": paths} if paths else {}
+
+
 def run(cfg, ctx: RunContext) -> dict:
     import dataclasses
     import re
@@ -168,9 +176,7 @@ def run(cfg, ctx: RunContext) -> dict:
     precision = torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.precision == "bf16")
     clip = build_clip(dataclasses.replace(cfg.lvlm, device=str(device)))
     prompts = validate_prompts(gather_prompts(t.prompts, t.prompts_file), clip.tokenizer)
-    # FLAME cannot travel inside checkpoints: its file is wherever this machine's config says.
-    paths = {k: getattr(cfg.morphable, k) for k in ("flame_path", "flame_landmarks_path") if getattr(cfg.morphable, k)}
-    overrides = {"backbone": {"compile": t.compile}, **({"morphable": paths} if paths else {})}
+    overrides = {"backbone": {"compile": t.compile}, **machine_overrides(cfg)}
     system, opened = open_for_inference(t.checkpoint, map_location=device, overrides=overrides, kinds=("Stage2GAN",))
     model = system.geometry.morphable
     morph = resolve_morphable(model, seeds, t.expression, t.expression_vector, t.shape_vector, t.jaw,
@@ -244,12 +250,19 @@ def run(cfg, ctx: RunContext) -> dict:
     }
     record = {"protocol": protocol, "outputs": files,
               "latency_ms": {"text_encoding_per_prompt": latency.get("text_encoding"),
+                             "text_encoding_first_call_per_prompt": latency.get("text_encoding_first_call"),
                              "generation_per_image": latency.get("generation"),
-                             "images_generated": engine.latency.items.get("generation", 0),
+                             "generation_first_call_per_image": latency.get("generation_first_call"),
+                             "images_generated": sum(engine.latency.items.get(k, 0) for k in
+                                                     ("generation", "generation_first_call")),
                              "cuda_graphs": engine.graphs_used(), "cuda_graph_failure": engine.graph_failure,
-                             "note": "host clock on CPU, CUDA events around each stage on GPU; batch " + str(t.batch_size)}}
+                             "note": "host clock on CPU, CUDA events around each stage on GPU; batch "
+                                     f"{t.batch_size}; *_first_call: the first call of each batch size (graph "
+                                     "capture, warm-up, compilation), the others steady state (null: no such call)"}}
     write_json_atomic(ctx.run_dir / "generate.json", record)
     ctx.metrics.write({"event": "generate", **record})
-    console.print(f"generate: wrote {ctx.run_dir} (text {latency.get('text_encoding', float('nan')):.1f} ms/prompt, "
-                  f"generation {latency.get('generation', float('nan')):.1f} ms/image)")
+    ms = {k: f"{v:.1f}" if v is not None else "-" for k, v in record["latency_ms"].items() if k.endswith(("_prompt", "_image"))}
+    console.print(f"generate: wrote {ctx.run_dir} (text {ms['text_encoding_first_call_per_prompt']} ms/prompt at the "
+                  f"first call; generation {ms['generation_per_image']} ms/image, "
+                  f"{ms['generation_first_call_per_image']} at first calls)")
     return {"run_dir": str(ctx.run_dir), **files, "latency_ms": record["latency_ms"]}
