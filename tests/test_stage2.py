@@ -301,3 +301,17 @@ def test_embedding_collapse_measures_how_much_of_w_survives_t_g(world):
     assert collapsed["diversity_alpha1"] < 1e-4 < collapsed["diversity_alpha0"]
     with pytest.raises(ValueError, match="no CLIP cache"):
         embedding_collapse(system, PortraitDataset(world["data"], flip=False), rows=1, samples=2)
+
+
+def test_regularisers_train_t_g_and_not_the_mapping(world):
+    """R_r and R_norm constrain how T_G derives w_r from w: their gradient reaches T_G's weights and
+    not w (so not the mapping network that made w, which trains with train=all)."""
+    s2 = stage2(world)
+    with torch.no_grad():
+        for p in s2.G.align.output.parameters():
+            p.normal_(0, 0.5)
+    w = torch.randn(3, s2.G.mapping.w_dim, requires_grad=True)
+    terms = s2.alignment_regularizers(w, torch.randn(3, EMBED))
+    sum(t.sum() for t in terms.values()).backward()
+    assert w.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in s2.G.align.input.parameters())

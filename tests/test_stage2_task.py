@@ -40,6 +40,7 @@ def test_train_stage2_resumes_and_refuses_bad_inputs(chain, tmp_path):
         "backbone.w_dim": [*args, "backbone.w_dim=32"],
         "Stage 2 starts from a Stage-1 checkpoint": [a for a in args if not a.startswith("task.stage1")]
         + [f"task.stage1={chain['stage2']}"],
+        "task.train=alignment but the run": [*args, f"task.resume={chain['stage2']}", "task.train=alignment"],
     }
     for message, overrides in cases.items():
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
@@ -70,6 +71,12 @@ def test_text_evaluation_renders_each_prompt_under_one_conditioning(chain):
     with torch.no_grad():
         expected = system.generate(z, cond, G=system.G_ema, noise_mode="const")["image"].clamp(-1, 1)
     assert torch.allclose(result["images"][1], expected, atol=1e-6)
+    # The CLIP score compares the images with the prompts' own embeddings, whatever T_G was fed: at
+    # alpha = 0 a modality offset changes no image, so it changes no score.
+    offset = torch.randn(clip.encode_text(["x"]).shape[1], generator=torch.Generator().manual_seed(2))
+    shifted = evaluate_text_control(system, clip, dataset, settings, modality_offset=offset)
+    assert torch.equal(shifted["images"], result["images"])
+    assert shifted["clip_score"] == pytest.approx(result["clip_score"], rel=1e-6)
     with pytest.raises(ValueError, match="samples_per_prompt"):
         evaluate_text_control(system, clip, dataset, TextEvalConfig(samples_per_prompt=1))
 
@@ -88,3 +95,20 @@ def test_evaluate_reads_a_stage2_checkpoint_with_its_recorded_cache(chain, tmp_p
     assert record["protocol"]["system"] == "Stage2GAN" and record["protocol"]["clip_cache"] == str(chain["cache"])
     # Recorded at the step the checkpoint was saved at (Stage 2 ran 2 steps), not at the loaded system's 0.
     assert record["step"] == 2 and record["protocol"]["step"] == 2 and record["kimg"] > 0
+
+
+def test_resume_refuses_a_canonical_cache_of_another_stage1_checkpoint(chain, tmp_path):
+    """task.resume checks the cache against the Stage-1 checkpoint the run started from (its recorded
+    sha256), as a fresh start checks it against task.stage1."""
+    import json
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(chain["cache"], cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest.update(embed="canonical", stage1_sha256="0" * 64)  # as if inverted into another generator
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    args = [a for a in chain["stage2_args"] if not a.startswith("data.clip_cache")]
+    with pytest.raises(UserError, match=r"another Stage-1 checkpoint.*the Stage-1 checkpoint of task\.resume="):
+        train_stage2.run(compose(chain["root"], *args, f"data.clip_cache={cache}", f"task.resume={chain['stage2']}",
+                                 "trainer.max_steps=3"), RunContext(run_dir=tmp_path / "resumed"))

@@ -28,7 +28,10 @@ class RegularizerConfig:
     # Stage 2 (paper sec. 3.5, appendix A-B). R_r (eq. 19) on the alignment network T_G, estimated by
     # finite differences (eq. 20, the paper's choice) or Jacobian-vector products (eq. 22). The
     # perturbation is applied to r as T_G sees it (scaled to unit second moment per component), so
-    # sigma=0.1 is small next to the embedding's entries whatever the CLIP width.
+    # sigma=0.1 is small next to the embedding's entries whatever the CLIP width. The penalty is then
+    # |d w_r / d r_n|_F^2, about 1/D of eq. 19's |d w_r / d r|_F^2 for unit-norm embeddings of width D
+    # (512 for ViT-B/32): the paper's weight on a differently scaled quantity. The collapse measurements
+    # in the README were made with it.
     jacobian_weight: float = 0.01
     jacobian_sigma: float = 0.1
     jacobian_samples: int = 1  # eps vectors per sample (paper: 1, no gain seen from 2-8)

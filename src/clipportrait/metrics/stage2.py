@@ -77,9 +77,12 @@ def evaluate_text_control(system, clip, dataset, settings: TextEvalConfig, lpips
     device = torch.device(device)
     prompts = synthetic_prompts(settings.attributes, settings.values_per_attribute)
     n = settings.samples_per_prompt
-    texts = clip.encode_text([p for p, _, _ in prompts]).float().to(device)
+    # The CLIP score compares each image with its prompt's own text embedding; only T_G's input is
+    # gap-corrected (scoring against the corrected vector would compare images with image-like vectors).
+    prompt_texts = clip.encode_text([p for p, _, _ in prompts]).float().to(device)
+    texts = prompt_texts
     if modality_offset is not None:
-        texts = torch.nn.functional.normalize(texts + modality_offset.to(device), dim=1)
+        texts = torch.nn.functional.normalize(prompt_texts + modality_offset.to(device), dim=1)
     all_images, all_alpha, conds = [], [], []
     for k in range(len(prompts)):
         sampler = ConditioningSampler(dataset, seed=settings.seed * 7919 + k, device=device)
@@ -102,7 +105,7 @@ def evaluate_text_control(system, clip, dataset, settings: TextEvalConfig, lpips
     flat = images.flatten(0, 1)
     cond_all = {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
     result: dict = {"prompts": [p for p, _, _ in prompts], "per_attribute": {}}
-    scores = clip_score(clip, flat, texts.repeat_interleave(n, dim=0))
+    scores = clip_score(clip, flat, prompt_texts.repeat_interleave(n, dim=0))
     result["clip_score"] = scores["clip_score"]
     result["clip_backbone"] = scores["backbone"]
     iou = silhouette_iou(torch.cat(all_alpha), cond_all, system.geometry.morphable)

@@ -153,11 +153,13 @@ class Stage2GAN(Stage1GAN):
     # ------------------------------------------------------------------ G main with R_r and R_norm
     def alignment_regularizers(self, w: torch.Tensor, r: torch.Tensor, G=None) -> dict[str, torch.Tensor]:
         """Per-sample R_r (eq. 19; estimator eq. 20 or 22) and R_norm (eq. 21) of T_G at alpha = 1.
-        R_r is taken with respect to r as T_G sees it (normalised to unit second moment)."""
+        R_r is taken with respect to r as T_G sees it, r_n = r / rms(r) (= sqrt(D) r for a unit-norm CLIP
+        embedding of width D), so it is about |d w_r / d r|_F^2 / D in eq. 19's terms. Both constrain how
+        T_G derives w_r from w: w is detached, so they train T_G and not the mapping that made w."""
         G = self.G if G is None else G
         reg = self.cfg.regularizer
         align = G.align
-        w = w.float()
+        w = w.detach().float()
         w_n, r_n = align.normalize(w), align.normalize(r).detach()
         out = {}
         # float32 like T_G's own forward: under bf16 autocast eq. 20's difference f(r + eps) - f(r)

@@ -60,9 +60,11 @@ def embedding_width(path: str) -> int:
         raise UserError(f"data.clip_cache={path}: unreadable as a CLIP cache ({type(err).__name__}: {err})") from None
 
 
-def check_cache_provenance(cache: str, stage1: str) -> None:
+def check_cache_provenance(cache: str, stage1: str | None = None, stage1_sha256: str | None = None,
+                           source: str | None = None) -> None:
     """A canonical cache must come from the Stage-1 checkpoint that Stage 2 starts from (eq. 9-10 inverted
-    into that generator); a raw cache (the Fig. 4 ablation) has no such link."""
+    into that generator): ``stage1`` (a file, hashed here) or its recorded ``stage1_sha256`` (``source``
+    says where that came from). A raw cache (the Fig. 4 ablation) has no such link."""
     from pathlib import Path
 
     from ..canonical.cache import read_manifest
@@ -74,10 +76,11 @@ def check_cache_provenance(cache: str, stage1: str) -> None:
     manifest = read_manifest(cache)
     if manifest.get("embed") != "canonical":
         return
-    actual = sha256_file(Path(stage1))
+    actual = sha256_file(Path(stage1)) if stage1 is not None else stage1_sha256
     if manifest.get("stage1_sha256") != actual:
+        where = f"task.stage1={stage1}" if stage1 is not None else f"the Stage-1 checkpoint of {source}"
         raise UserError(f"data.clip_cache={cache} was made with another Stage-1 checkpoint (sha256 "
-                        f"{manifest.get('stage1_sha256')}); task.stage1={stage1} has sha256 {actual}: run "
+                        f"{manifest.get('stage1_sha256')}); {where} has sha256 {actual}: run "
                         "task=canonicalize with this checkpoint, or start Stage 2 from the one the cache used")
 
 
@@ -115,6 +118,13 @@ def run(cfg, ctx: RunContext) -> dict:
             raise UserError(f"task.resume={t.resume} holds a {meta.get('kind', 'Stage1GAN')}: resume continues a "
                             "Stage-2 run; start Stage 2 from a Stage-1 checkpoint with task.stage1")
         check_compatible(meta, wanted, "resume", t.resume, Stage1Config.ARCHITECTURE)
+        recorded = meta["config"]
+        if recorded.get("train", "all") != t.train:
+            raise UserError(f"task.train={t.train} but the run in {t.resume} trains {recorded.get('train', 'all')!r} "
+                            "(its optimiser state belongs to those parameters): resume with that value, or start a "
+                            "new Stage-2 run from the Stage-1 checkpoint")
+        check_cache_provenance(cfg.data.clip_cache, stage1_sha256=recorded.get("stage1_sha256"),
+                               source=f"task.resume={t.resume}")
         data = {**meta["config"], **training, "alignment": dataclasses.asdict(alignment), "train": t.train,
                 "clip_cache": str(cfg.data.clip_cache)}
         system = Stage2GAN(Stage2Config.from_dict(data), metrics_log=ctx.metrics.write)
