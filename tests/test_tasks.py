@@ -68,6 +68,44 @@ def test_demo_runs_every_stage_and_skips_them_on_rerun(run_cli, tmp_path):
     assert proc.stderr.count("done earlier, skipped") == len(stages)
 
 
+def test_demo_reruns_a_stage_whose_inputs_changed_and_every_stage_after_it(tmp_path):
+    """A rerun skips a finished stage only when its config inputs and the stages it reads are unchanged;
+    a changed key reruns that stage and everything downstream of it (stale results are removed)."""
+    from clipportrait.cli import compose_config
+    from clipportrait.tasks.base import RunContext
+    from clipportrait.tasks.demo import STAGES, Demo
+
+    calls = []
+
+    def fake(name):
+        def fn(folder):
+            calls.append(name)
+            (folder / "written").write_text(str(len(calls)))
+            return {"path": str(tmp_path / "data")} if name == "data" else {}
+        return fn
+
+    def run(*overrides):
+        calls.clear()
+        cfg = compose_config(["experiment=demo", f"paths.root_dir={tmp_path}", "logger=none", *overrides])
+        demo = Demo(cfg, RunContext(run_dir=tmp_path / "run"))
+        for name in STAGES:
+            demo.stage(name, fake(name))
+        return list(calls)
+
+    assert run() == list(STAGES)
+    assert run() == []
+    prompts = "task.prompts=[a photo of a person with green eyes]"
+    assert run(prompts) == ["generate"]
+    assert run(prompts, "task.stage1_steps=3") == ["stage1", "canonicalize", "stage2", "generate"]
+    assert run(prompts, "task.stage1_steps=3", "task.lvlm_steps=4") == ["lvlm", "canonicalize", "stage2", "generate"]
+    assert run(prompts, "task.stage1_steps=3", "task.lvlm_steps=4", "regularizer.jacobian_weight=0") == [
+        "stage2", "generate"]
+    assert run(prompts, "task.stage1_steps=3", "task.lvlm_steps=4", "regularizer.jacobian_weight=0") == []
+    assert run(prompts, "task.stage1_steps=3", "task.lvlm_steps=4", "regularizer.r1_gamma=2") == [
+        "stage1", "canonicalize", "stage2", "generate"]
+    assert run("task.force=true", prompts) == list(STAGES)
+
+
 @pytest.mark.slow(seconds=25)
 def test_stage1_regulariser_sweep(run_cli, tmp_path):
     """`-m task=train_stage1 experiment=demo regularizer.r1_gamma=0.5,1` runs one training job per value,

@@ -1,7 +1,10 @@
 """task=demo — the chain that exists so far, end to end, on the embedded synthetic default.
 
 Stages (each writes ``<out_dir>/<stage>/result.json`` when it finishes; a rerun skips finished
-stages, ``task.force=true`` redoes them):
+stages whose inputs are unchanged, ``task.force=true`` redoes them all). A stage's inputs are the config
+keys of ``STAGE_INPUTS`` and the stages it reads (``STAGE_AFTER``): their fingerprint is stored in its
+result, and a stage whose fingerprint differs (a changed key, or an upstream stage redone) runs again,
+and so does everything after it.
 
 1. data       render the synthetic portrait world (skipped when the dataset is already there)
 2. check      validate it (check_data); problems stop the demo with their list
@@ -25,6 +28,7 @@ stages, ``task.force=true`` redoes them):
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +60,54 @@ class Schema(TaskConfig):
     stage2_steps: int = 50  # Stage-2 training steps (batch data.batch_size); ~5 min on 2 CPU cores
     stage2_train: str = "all"  # all | alignment (see task=train_stage2)
     force: bool = False
+
+
+STAGES = ("data", "check", "geometry", "lvlm", "stage1", "canonicalize", "stage2", "generate")
+# The config keys each stage's result depends on ...
+STAGE_INPUTS = {
+    "data": ("data.synthetic", "data.path", "morphable"),
+    "check": (),
+    "geometry": ("morphable", "task.preview_samples", "task.overlay_size"),
+    "lvlm": ("lvlm", "task.lvlm_steps", "seed"),
+    "stage1": ("data", "morphable", "backbone", "discriminator", "deformation", "regularizer", "evaluation", "seed",
+               "task.stage1_steps", "task.stage1_grid_every_steps"),
+    "canonicalize": ("task.canonical_embed", "task.inversion_steps", "task.inversion_batch"),
+    "stage2": ("regularizer", "evaluation", "seed", "task.stage2_steps", "task.stage2_train"),
+    "generate": ("task.prompts",),
+}
+# The regularizer group's Stage-2 fields: Stage 1 does not read them.
+STAGE2_REGULARIZERS = ("jacobian_weight", "jacobian_sigma", "jacobian_samples", "jacobian_estimator", "norm_weight",
+                       "alpha_drop")
+# ... and the stages whose outputs it reads.
+STAGE_AFTER = {
+    "data": (), "check": ("data",), "geometry": ("data",), "lvlm": ("data",), "stage1": ("data",),
+    "canonicalize": ("data", "lvlm", "stage1"), "stage2": ("data", "lvlm", "stage1", "canonicalize"),
+    "generate": ("data", "lvlm", "stage2"),
+}
+
+
+def _config_value(cfg, key: str):
+    """The plain (JSON-able) value at a dotted config ``key``."""
+    import dataclasses
+
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    return value
+
+
+def stage_fingerprint(cfg, name: str, upstream: dict[str, str]) -> str:
+    """sha256 of stage ``name``'s config inputs and of the fingerprints of the stages it reads."""
+    import hashlib
+
+    inputs = {key: _config_value(cfg, key) for key in STAGE_INPUTS[name]}
+    if name == "stage1":
+        inputs["regularizer"] = {k: v for k, v in inputs["regularizer"].items() if k not in STAGE2_REGULARIZERS}
+    payload = json.dumps({"inputs": inputs, "after": {u: upstream.get(u) for u in STAGE_AFTER[name]}},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _tile(images, columns: int):
@@ -119,15 +171,28 @@ class Demo:
 
         folder = self.out / name
         done = folder / "result.json"
-        if done.exists() and not self.cfg.task.force:
-            self.results[name] = json.loads(done.read_text())
-            console.print(f"[dim]demo: {name}: done earlier, skipped ({done})[/dim]")
-            return
+        fingerprint = stage_fingerprint(self.cfg, name, {k: v.get("fingerprint") for k, v in self.results.items()})
+        if done.exists():
+            earlier = json.loads(done.read_text())
+            if earlier.get("fingerprint") == fingerprint and not self.cfg.task.force:
+                self.results[name] = earlier
+                console.print(f"[dim]demo: {name}: done earlier, skipped ({done})[/dim]")
+                return
+            if not self.cfg.task.force:
+                console.print(f"[yellow]demo: {name}: its settings or an earlier stage changed since {done}; "
+                              "running it again[/yellow]")
+            # A finished stage's outputs (logs, curves, caches) belong to its old inputs: start it afresh
+            # (but never delete a dataset that data.path put inside the stage's folder).
+            if folder.resolve() in Path(self.cfg.data.path).resolve().parents:
+                done.unlink()
+            else:
+                shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         console.print(f"[bold]demo: {name}[/bold]")
         start = time.time()
         result = fn(folder)
         result["seconds"] = round(time.time() - start, 2)
+        result["fingerprint"] = fingerprint
         write_json_atomic(done, result)
         self.results[name] = result
         self.ctx.metrics.write({"event": f"demo/{name}", **{k: v for k, v in result.items() if not isinstance(v, (dict, list))}})
@@ -400,7 +465,7 @@ def run(cfg, ctx: RunContext) -> dict:
     from ..utils.console import console
 
     demo = Demo(cfg, ctx)
-    for name in ("data", "check", "geometry", "lvlm", "stage1", "canonicalize", "stage2", "generate"):
+    for name in STAGES:
         demo.stage(name, getattr(demo, name))
     index = demo.index()
     console.print(f"[green]demo finished[/green]: stages {', '.join(demo.results)}; see {index}")
