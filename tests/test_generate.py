@@ -106,6 +106,9 @@ def test_generate_writes_every_output_with_the_right_shape(chain, generated):
     assert len(protocol["checkpoint"]["sha256"]) == 64
     assert protocol["camera"] == {"preset": "frontal", "yaw_deg": 0.0, "pitch_deg": 0.0}
     assert protocol["modality_gap"]["mode"] == "mean_offset" and protocol["modality_gap"]["offset_norm"] > 0
+    # psi = 0.7 on a two-step checkpoint: its tracked w_avg is far from the mean w, the sampled mean is used
+    assert protocol["truncation_psi"] == 0.7
+    assert protocol["truncation_centre"]["centre"].startswith("sampled mean")
     latency = record["latency_ms"]
     # grid + alpha sweep + turntable frames, every one of them for each prompt and seed
     assert latency["images_generated"] == P * S * (1 + len(SWEEP) + FRAMES)

@@ -248,3 +248,25 @@ def test_mapping_truncation_and_w_avg_tracking():
     torch.testing.assert_close(half, net.w_avg + 0.5 * (ws - net.w_avg))
     with pytest.raises(ValueError, match="z: expected"):
         net(torch.randn(7, 5))
+
+
+def test_truncation_centre_is_the_sampled_mean_until_w_avg_has_converged():
+    """settle_truncation_centre keeps a tracked w_avg close to the mean of sampled w and replaces one that
+    is far from it (a briefly trained model's running mean, which starts at zero); the sampled mean is
+    the float64 average of the mapped latents."""
+    from clipportrait.nn.mapping import sampled_mean_w, settle_truncation_centre
+
+    torch.manual_seed(0)
+    net = MappingNetwork(z_dim=6, c_dim=0, w_dim=5, num_ws=4, num_layers=2, w_avg_beta=0.998)
+    gen = torch.Generator().manual_seed(3)
+    z = torch.cat([torch.randn(min(4096, 5000 - s), 6, generator=gen) for s in range(0, 5000, 4096)])
+    with torch.no_grad():
+        torch.testing.assert_close(sampled_mean_w(net, 5000, seed=3), net(z)[:, 0].double().mean(0).float())
+        mean = sampled_mean_w(net, 5000, seed=0)
+        record = settle_truncation_centre(net, samples=5000)  # w_avg is still its initial zeros
+        assert record["centre"].startswith("sampled mean") and torch.equal(net.w_avg, mean)
+        close = mean * 1.05
+        net.w_avg.copy_(close)
+        assert settle_truncation_centre(net, samples=5000)["centre"] == "tracked w_avg"
+        assert torch.equal(net.w_avg, close)
+

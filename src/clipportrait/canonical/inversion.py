@@ -82,16 +82,9 @@ def mean_w(mapping: torch.nn.Module, cfg: InversionConfig) -> tuple[torch.Tensor
             raise ValueError("inversion.w_init=buffer: the generator's mapping tracks no w_avg (w_avg_beta is None); "
                              "use w_init=sampled")
         return buffer.detach().float().clone(), "buffer"
-    device = next(mapping.parameters()).device
-    gen = torch.Generator().manual_seed(int(cfg.seed))
-    total = torch.zeros(mapping.w_dim, dtype=torch.float64, device=device)
-    for start in range(0, cfg.w_avg_samples, 4096):
-        n = min(4096, cfg.w_avg_samples - start)
-        z = torch.randn(n, mapping.z_dim, generator=gen).to(device)
-        w = mapping(z)
-        w = w[:, 0] if w.ndim == 3 else w
-        total += w.double().sum(0)
-    return (total / cfg.w_avg_samples).float(), "sampled"
+    from ..nn.mapping import sampled_mean_w
+
+    return sampled_mean_w(mapping, cfg.w_avg_samples, cfg.seed), "sampled"
 
 
 def neutral_condition(morphable, batch: int, device: torch.device) -> dict[str, torch.Tensor]:

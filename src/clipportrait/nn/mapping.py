@@ -91,3 +91,34 @@ class MappingNetwork(nn.Module):
             else:
                 x = self.w_avg.lerp(x, truncation_psi)
         return x
+
+
+@torch.no_grad()
+def sampled_mean_w(mapping: MappingNetwork, samples: int, seed: int) -> torch.Tensor:
+    """The mean w (w_dim,) of ``samples`` mapped z ~ N(0, I) (seeded, drawn on the CPU), summed in float64."""
+    device = next(mapping.parameters()).device
+    gen = torch.Generator().manual_seed(int(seed))
+    total = torch.zeros(mapping.w_dim, dtype=torch.float64, device=device)
+    for start in range(0, samples, 4096):
+        z = torch.randn(min(4096, samples - start), mapping.z_dim, generator=gen).to(device)
+        w = mapping(z)
+        total += (w[:, 0] if w.ndim == 3 else w).double().sum(0)
+    return (total / samples).float()
+
+
+@torch.no_grad()
+def settle_truncation_centre(mapping: MappingNetwork, samples: int = 10000, tolerance: float = 0.1,
+                             seed: int = 0) -> dict:
+    """Make truncation's centre the mean of w: the tracked w_avg (a running mean from zero with no bias
+    correction, as in EG3D) stays far from it for the first few thousand steps of training. When it is
+    more than ``tolerance`` of the mean's norm away from ``sampled_mean_w``, the sampled mean replaces it
+    in ``mapping`` (the caller's loaded copy). Returns what was used, for the run's protocol."""
+    sampled = sampled_mean_w(mapping, samples, seed)
+    distance = float((mapping.w_avg.float() - sampled).norm())
+    record = {"tracked_distance_to_sampled_mean": round(distance, 4), "sampled_mean_norm": round(float(sampled.norm()), 4),
+              "samples": samples}
+    if distance <= tolerance * float(sampled.norm()):
+        return {"centre": "tracked w_avg", **record}
+    mapping.w_avg.copy_(sampled)
+    return {"centre": "sampled mean (tracked w_avg not converged)", **record}
+

@@ -189,6 +189,15 @@ def run(cfg, ctx: RunContext) -> dict:
             raise UserError("task.modality_gap=mean_offset needs the canonicalisation cache: the checkpoint "
                             "records none, set task.clip_cache")
         gap = ModalityGap.estimate(clip, cache, cfg.data.path)
+    centre = None
+    if settings["truncation_psi"] != 1.0:
+        from ..nn.mapping import settle_truncation_centre
+
+        centre = settle_truncation_centre(system.G_ema.mapping)
+        if centre["centre"] != "tracked w_avg":
+            console.print(f"[yellow]generate: the checkpoint's tracked w_avg is {centre['tracked_distance_to_sampled_mean']} "
+                          f"from the mean of {centre['samples']} sampled w (norm {centre['sampled_mean_norm']}): a "
+                          "briefly trained model; truncation uses the sampled mean[/yellow]")
     engine = TextToPortrait(system, clip, gap, settings["truncation_psi"], cuda_graphs=t.cuda_graphs)
     with precision:
         text = engine.encode(prompts)  # (P,D)
@@ -241,7 +250,7 @@ def run(cfg, ctx: RunContext) -> dict:
                           if "weights_sha256" in opened else {"sha256": sha256_file(Path(t.checkpoint))})},
         "lvlm": lvlm,
         "prompts": prompts, "seeds": seeds, "alpha": alpha, "alpha_sweep": sweep,
-        "truncation_psi": settings["truncation_psi"],
+        "truncation_psi": settings["truncation_psi"], "truncation_centre": centre,
         "camera": {"preset": view.name, "yaw_deg": view.yaw_deg, "pitch_deg": view.pitch_deg},
         "morphable": morph.description,
         "modality_gap": gap.summary() if gap is not None else {"mode": "none"},
