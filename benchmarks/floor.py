@@ -283,6 +283,16 @@ def main(argv: list[str] | None = None) -> None:
     measured_rate = matmul_rate(device) if cuda else None
     rate = args.rate or measured_rate
     precision = args.precision if cuda else "tf32"  # same counts; CPU autocast would only be slower
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / \
+        f"floor-{device.type}{'-small' if args.small else f'-b{batch}'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(rows: list[dict]) -> None:  # after every row, so a run cut short keeps what it measured
+        out.write_text(json.dumps({"device": device_description(device), "torch": torch.__version__,
+                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "precision": precision,
+                                   "measured_bf16_matmul_tflops": measured_rate, "floor_rate_tflops": rate,
+                                   "rows": rows}, indent=2))
+
     rows = []
     for name, fn in workloads(args.small, device, batch, precision, args.upconv_fir):
         counted = count(fn)
@@ -301,8 +311,11 @@ def main(argv: list[str] | None = None) -> None:
                 row["measured_ms"] = _median_ms(fn, device, 20)
                 row["profile"] = profile(fn, device)
         rows.append(row)
-        print(f"{name}: {row['gflop_per_image']:.1f} GFLOP/image ({row['conv_gflop_per_image']:.1f} in convolutions)",
-              file=sys.stderr)
+        write(rows)
+        print(f"{name}: {row['gflop_per_image']:.1f} GFLOP/image ({row['conv_gflop_per_image']:.1f} in convolutions)"
+              + (f", measured {row['measured_ms']:.1f} ms" if "measured_ms" in row else ""), file=sys.stderr)
+        for kernel, ms in row.get("profile", {}).get("top_kernels_ms", []):
+            print(f"    {ms:8.2f} ms  {kernel}", file=sys.stderr)
     print(f"\nfloors at batch {batch} ({precision}) — {device_description(device)}, torch {torch.__version__}"
           + (f"; measured bf16 matmul {measured_rate:.0f} TFLOP/s" if measured_rate else "")
           + (f"; floor at {rate:.0f} TFLOP/s" if rate else ""))
@@ -313,13 +326,6 @@ def main(argv: list[str] | None = None) -> None:
               f"{fmt('floor_ms'):>9s} {fmt('convs_alone_ms'):>11s} {fmt('measured_ms'):>9s}")
         for kind, ms in r.get("profile", {}).get("kinds_ms", {}).items():
             print(f"    {kind:44s} {ms:8.2f} ms")
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / \
-        f"floor-{device.type}{'-small' if args.small else f'-b{batch}'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": device_description(device), "torch": torch.__version__,
-                               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "precision": precision,
-                               "measured_bf16_matmul_tflops": measured_rate, "floor_rate_tflops": rate,
-                               "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 
