@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--precision", default="bf16", choices=["bf16", "tf32"])
     p.add_argument("--no-profile", action="store_true", help="counts and convolution ceiling only")
+    p.add_argument("--no-replay", action="store_true", help="skip the convolution ceiling (replaying every conv alone)")
+    p.add_argument("--only", default="", help="run only the workloads whose name contains this text")
     p.add_argument("--rate", type=float, default=None,
                    help="TFLOP/s for the floor column (default on CUDA: a measured bf16 matrix product)")
     args = p.parse_args(argv)
@@ -295,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for name, fn in workloads(args.small, device, batch, precision, args.upconv_fir):
+        if args.only not in name:
+            continue
         counted = count(fn)
         row = {"name": name, "batch": batch, "gflop_per_image": counted.flops / batch / 1e9,
                "gflop_per_image_by_op": {op: n / batch / 1e9 for op, n in counted.per_op.items()},
@@ -305,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
         if rate:
             row["floor_ms"] = counted.flops / (rate * 1e12) * 1e3
         if cuda:
-            row["convs_alone_ms"] = sum(replay(c, device) * n for c, n in counted.convs.items())
+            if not args.no_replay:
+                row["convs_alone_ms"] = sum(replay(c, device) * n for c, n in counted.convs.items())
             if not args.no_profile:
                 fn()  # compiles, autotunes
                 row["measured_ms"] = _median_ms(fn, device, 20)
