@@ -235,6 +235,30 @@ def test_a_text_copy_is_the_text_tower_alone_in_its_own_dtype(chain):
     assert torch.equal(clip.encode_tokens(tokens, model=copied), cast)
 
 
+def test_changing_truncation_or_gap_drops_captured_graphs(chain, deforming):
+    """A CUDA graph holds the truncation psi and modality-gap offset it was captured with, so setting
+    either on an engine drops every captured graph (the next call captures again, as a first call) and
+    the engine computes with the new value."""
+    from clipportrait.generation.modality_gap import ModalityGap
+    from clipportrait.lvlm import build_clip
+
+    clip = build_clip(compose(chain["root"], *generate_args(chain)).lvlm)
+    engine = TextToPortrait(deforming, clip, truncation_psi=0.7, cuda_graphs=True)
+    morph = other_morphables(chain, deforming.geometry.morphable)[0]
+    cond = {"camera": view_labels(0.0, 0.0).expand(2, -1), **morph.rows([0, 1])}
+    before = engine.render(SEEDS, cond, engine.encode(PROMPTS), 1.0)["image"]
+    offset = torch.zeros(clip.embed_dim)
+    offset[0] = 0.5
+    for name, value in (("truncation_psi", 1.0), ("gap", ModalityGap(offset, 1, 1, "cache", "data"))):
+        for graphed in engine._graphs.values():  # stand-ins for captured graphs (none capture on a CPU)
+            graphed._graphs[("captured",)] = object()
+        engine._seen.add(("portrait", "signature"))
+        setattr(engine, name, value)
+        assert all(len(g) == 0 for g in engine._graphs.values()) and not engine._seen, name
+    after = engine.render(SEEDS, cond, engine.encode(PROMPTS), 1.0)["image"]
+    assert engine.truncation_psi == 1.0 and (after - before).abs().max() > 1e-4
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_replays_equal_the_eager_engine(chain, deforming):
     """With cuda_graphs, text encoding and generation (apart, or prompt -> portrait as one graph) are
@@ -271,6 +295,9 @@ def test_cuda_graph_replays_equal_the_eager_engine(chain, deforming):
         text_bf16 = graphed.encode(prompts)
     direct = clip.encode_tokens(clip.tokenize(prompts).cuda(), model=graphed._text_bf16)
     assert torch.allclose(text_bf16, direct, atol=1e-6) and 0 < (text_bf16 - text_e).abs().max() < 3e-2
+    eager.truncation_psi = graphed.truncation_psi = 1.0  # the captured graphs held 0.7: captured again
+    a, b = eager.render(seeds, cond, text_e, alpha), graphed.render(seeds, cond, text_g, alpha)
+    assert torch.allclose(a["image"], b["image"], atol=1e-5) and len(graphed._graphs["portrait"]) == 1
     bad = {**cond, "camera": cond["camera"].clone()}
     bad["camera"][1, 3] = float("nan")
     with pytest.raises(UserError, match="camera"):

@@ -112,8 +112,6 @@ class TextToPortrait:
         self._device, self._text_device = device, clip.device
         # bf16 autocast on CUDA: the text tower runs on a bf16 copy (autocast would cast every weight per call)
         self._text_bf16 = clip.text_copy(torch.bfloat16) if clip.device.type == "cuda" else None
-        self.gap = gap.to(clip.device) if gap is not None else None
-        self.truncation_psi = float(truncation_psi)
         self.latency = LatencyMeter()
         self.cuda_graphs = bool(cuda_graphs)
         self.graph_failure: str | None = None  # why capturing failed (the engine then runs eagerly)
@@ -122,9 +120,35 @@ class TextToPortrait:
         self._graphs = {"text": GraphedFunction(self._embed_tokens, device=clip.device, check_finite=True),
                         "portrait": GraphedFunction(self._portrait, device=device, check_finite=True),
                         "prompt_portrait": GraphedFunction(self._prompt_portrait, device=device, check_finite=True)}
+        self.gap, self.truncation_psi = gap, truncation_psi
         # The render's geometry (meshes, rays, deformation grid, coarse points) runs on this stream beside
         # the text tower, mapping and synthesis, which leave a small batch's GPU mostly idle.
         self._geometry_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @property
+    def truncation_psi(self) -> float:
+        return self._truncation_psi
+
+    @truncation_psi.setter
+    def truncation_psi(self, psi: float) -> None:
+        # A captured graph holds the value it was captured with: a change captures again.
+        self._truncation_psi = float(psi)
+        self._drop_graphs()
+
+    @property
+    def gap(self) -> ModalityGap | None:
+        """The modality-gap correction applied to every text embedding (None: none)."""
+        return self._gap
+
+    @gap.setter
+    def gap(self, gap: ModalityGap | None) -> None:
+        self._gap = gap.to(self._text_device) if gap is not None else None
+        self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        for graphed in self._graphs.values():
+            graphed.clear()
+        self._seen.clear()  # the next call of each signature is a first call again (capture, warm-up)
 
     def graphs_used(self) -> bool:
         """Whether any call so far was replayed from a CUDA graph."""

@@ -148,6 +148,12 @@ class GraphedFunction:
     def __len__(self) -> int:
         return len(self._graphs)
 
+    def clear(self) -> None:
+        """Drop every captured graph: the next call of each signature captures again. For when something
+        ``fn`` reads outside its tensor arguments (a Python setting, a replaced tensor) has changed, which
+        a replay would not see."""
+        self._graphs.clear()
+
     def _capture(self, inputs: tuple[torch.Tensor, ...], device: torch.device) -> _Captured:
         packed, views = _packed_buffers([x for x in inputs if not x.is_cuda], device)
         hosted = iter(views)
