@@ -79,6 +79,28 @@ def other_morphables(chain, model) -> list:
             resolve_morphable(model, SEEDS, expression_vector=[0.8] * model.n_expr, shape_vector=[0.5] * model.n_shape)]
 
 
+def test_explicit_morphable_vectors_are_checked(system, caplog):
+    """An explicit expression or shape vector with a non-finite value is refused naming the key and the
+    index; one with coefficients beyond 3 standard deviations is used, with a warning naming the key."""
+    import logging
+
+    model = system.geometry.morphable
+    values = [0.1] * model.n_expr
+    values[4] = float("nan")
+    with pytest.raises(UserError, match=r"task.expression_vector: non-finite value at index 4"):
+        resolve_morphable(model, SEEDS, expression_vector=values)
+    far = [0.0] * model.n_shape
+    far[7] = -4.5
+    with caplog.at_level(logging.WARNING, logger="clipportrait.generation.morphable"):
+        choice = resolve_morphable(model, SEEDS, shape_vector=far)
+    assert float(choice.shape[0, 7]) == -4.5
+    assert "task.shape_vector: 1 coefficient(s) beyond +-3 standard deviations (index 7: -4.5)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="clipportrait.generation.morphable"):
+        resolve_morphable(model, SEEDS, shape_vector=[2.9] * model.n_shape)
+    assert "standard deviations" not in caplog.text
+
+
 def png(path) -> np.ndarray:
     return np.asarray(Image.open(path))
 

@@ -11,6 +11,7 @@ the generator saw, where the change is clearly visible.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -22,6 +23,10 @@ from ..errors import UserError
 from ..geometry.morphable import MorphableModel
 
 FROM_DATASET = "from_dataset"
+# Coefficients are in standard deviations: beyond this the mesh is one the generator never saw.
+TYPICAL_RANGE = 3.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,8 +84,14 @@ def _vector(values: Sequence[float], size: int, key: str) -> torch.Tensor:
     if len(values) != size:
         raise UserError(f"{key} has {len(values)} values: expected {size} (the morphable model's size), or [] for "
                         "the default")
-    if not all(math.isfinite(v) for v in values):
-        raise UserError(f"{key}: contains a non-finite value")
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise UserError(f"{key}: non-finite value at index {bad[0]} ({values[bad[0]]}); expected finite coefficients")
+    far = [i for i, v in enumerate(values) if abs(v) > TYPICAL_RANGE]
+    if far:
+        log.warning("%s: %d coefficient(s) beyond +-%g standard deviations (index %d: %g): such meshes lie outside "
+                    "what the generator was trained on, expect distorted portraits", key, len(far), TYPICAL_RANGE,
+                    far[0], values[far[0]])
     return torch.tensor(values, dtype=torch.float32)
 
 
