@@ -260,3 +260,31 @@ def test_checkpoint_of_another_architecture_is_refused(dataset_path, tmp_path):
         load_checkpoint(evil)
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_checkpoint_hash_belongs_to_the_loaded_weights(tmp_path, monkeypatch):
+    """load_checkpoint_and_hash returns the file's sha256 with its contents, and refuses a checkpoint that
+    another process rewrites between the load and the hash (the recorded hash would name other weights)."""
+    import hashlib
+    import os
+
+    import clipportrait.utils.files as files
+    from clipportrait.systems.stage1 import CHECKPOINT_KEY, load_checkpoint_and_hash
+
+    path = tmp_path / "a.ckpt"
+    torch.save({CHECKPOINT_KEY: {"config": {}}, "state_dict": {"w": torch.arange(4.0)}}, path)
+    checkpoint, digest = load_checkpoint_and_hash(path)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert torch.equal(checkpoint["state_dict"]["w"], torch.arange(4.0))
+
+    original = files.sha256_file
+
+    def rewritten_meanwhile(p):
+        replacement = tmp_path / "b.ckpt"
+        torch.save({CHECKPOINT_KEY: {"config": {}}, "state_dict": {"w": torch.ones(4)}}, replacement)
+        os.replace(replacement, path)  # a training run saving its checkpoint atomically
+        return original(p)
+
+    monkeypatch.setattr(files, "sha256_file", rewritten_meanwhile)
+    with pytest.raises(UserError, match=r"a.ckpt changed while it was being read"):
+        load_checkpoint_and_hash(path)

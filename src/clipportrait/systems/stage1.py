@@ -552,6 +552,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
+def load_checkpoint_and_hash(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], str]:
+    """``load_checkpoint`` and the file's sha256, for records that name the weights by hash (a
+    canonicalisation manifest, a Stage-2 checkpoint's provenance). The file must be the same one
+    (device, inode, size, modification time) before the load and after the hash: a checkpoint replaced
+    or rewritten between the two reads (a training run saving meanwhile) is refused, so the hash is that
+    of the weights that were loaded."""
+    from ..utils.files import sha256_file
+
+    def identity() -> tuple[int, int, int, int] | None:
+        try:
+            st = Path(path).stat()
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+    before = identity()
+    checkpoint = load_checkpoint(path, map_location)
+    digest = sha256_file(Path(path))
+    if identity() != before:
+        raise UserError(f"checkpoint {path} changed while it was being read (another process wrote or replaced "
+                        "it); run again once it is no longer being written")
+    return checkpoint, digest
+
+
 def check_compatible(meta: dict[str, Any], cfg: Stage1Config, what: str, source: str = "the checkpoint",
                      groups: tuple[str, ...] | None = None) -> None:
     groups = type(cfg).ARCHITECTURE if groups is None else groups

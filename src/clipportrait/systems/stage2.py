@@ -37,7 +37,7 @@ from ..errors import UserError
 from ..losses import g_nonsaturating
 from ..losses.jacobian import jacobian_norm, norm_growth_penalty
 from ..nn.alignment import AlignmentConfig, AlignmentNetwork
-from .stage1 import (CHECKPOINT_KEY, Cond, Stage1Config, Stage1GAN, check_compatible, load_checkpoint,
+from .stage1 import (CHECKPOINT_KEY, Cond, Stage1Config, Stage1GAN, check_compatible, load_checkpoint_and_hash,
                      load_weights)
 
 TRAINABLE = ("all", "alignment")
@@ -218,9 +218,7 @@ class Stage2GAN(Stage1GAN):
         ``overrides`` replaces non-architecture fields of the checkpoint's config (regularizer, optim,
         batch_size, max_steps, seed); ``expect``, when given, must agree with the checkpoint on the
         architecture (a clear error lists the differences)."""
-        from ..utils.files import sha256_file
-
-        checkpoint = load_checkpoint(path)
+        checkpoint, digest = load_checkpoint_and_hash(path)
         meta = checkpoint[CHECKPOINT_KEY]
         if meta.get("kind", "Stage1GAN") != "Stage1GAN":
             raise UserError(f"checkpoint {path} holds a {meta.get('kind')}: Stage 2 starts from a Stage-1 checkpoint "
@@ -235,7 +233,7 @@ class Stage2GAN(Stage1GAN):
         base = Stage1Config.from_dict(data)
         cfg = Stage2Config(**{f.name: getattr(base, f.name) for f in dataclasses.fields(Stage1Config)},
                            alignment=alignment, train=train, stage1_images=int(meta.get("images_seen", 0)),
-                           stage1_checkpoint=str(path), stage1_sha256=sha256_file(Path(path)))
+                           stage1_checkpoint=str(path), stage1_sha256=digest)
         system = cls(cfg, conditioning=conditioning, metrics_log=metrics_log)
         load_weights(system, checkpoint, str(path), new_modules=("align",))
         return system

@@ -58,7 +58,6 @@ def run(cfg, ctx: RunContext) -> dict:
     from PIL import Image
 
     from ..canonical.cache import CacheWriter, make_identity
-    from ..utils.files import sha256_file
     from ..canonical.config import EMBED_MODES, ON_CORRUPT
     from ..canonical.inversion import Inverter
     from ..canonical.pipeline import canonicalize_dataset
@@ -67,7 +66,7 @@ def run(cfg, ctx: RunContext) -> dict:
     from ..errors import UserError
     from ..lvlm import build_clip
     from ..metrics.evaluation import dataset_content_hash
-    from ..systems.stage1 import CHECKPOINT_KEY, Stage1Config, Stage1GAN, load_checkpoint, load_weights
+    from ..systems.stage1 import CHECKPOINT_KEY, Stage1Config, Stage1GAN, load_checkpoint_and_hash, load_weights
     from ..utils.console import console
 
     t = cfg.task
@@ -90,10 +89,9 @@ def run(cfg, ctx: RunContext) -> dict:
         if not t.checkpoint:
             raise UserError("task.checkpoint is not set: embed=canonical inverts into a Stage-1 checkpoint "
                             "(or use task.embed=raw for the no-canonicalisation ablation)")
-        checkpoint = load_checkpoint(t.checkpoint, map_location=device)  # read once: metadata and weights
+        checkpoint, digest = load_checkpoint_and_hash(t.checkpoint, map_location=device)  # metadata and weights
         meta = checkpoint[CHECKPOINT_KEY]
-        stage1 = {"checkpoint": str(t.checkpoint), "sha256": sha256_file(Path(t.checkpoint)),
-                  "step": int(meta.get("step", 0))}
+        stage1 = {"checkpoint": str(t.checkpoint), "sha256": digest, "step": int(meta.get("step", 0))}
         system = Stage1GAN(Stage1Config.from_dict(meta["config"]))
         load_weights(system, checkpoint, str(t.checkpoint))
         system = system.to(device).eval()
