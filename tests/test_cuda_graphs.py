@@ -60,14 +60,18 @@ def test_replays_equal_direct_calls_for_new_values():
 def test_one_graph_per_signature_and_the_oldest_goes():
     graphed = GraphedFunction(affine, max_graphs=2)
     w = torch.randn(8, 8, device="cuda")
+    captured = []
     for rows in (1, 2, 1):
         graphed(torch.randn(rows, 8, device="cuda"), w)
-    assert len(graphed) == 2
+        captured.append(graphed.last_captured)
+    assert len(graphed) == 2 and captured == [True, True, False]
     with torch.autocast("cuda", dtype=torch.bfloat16):  # another autocast state: another graph
         out = graphed(torch.randn(1, 8, device="cuda"), w)
     assert out["product"].dtype == torch.bfloat16 and len(graphed) == 2
     graphed(torch.randn(3, 8, device="cuda"), w)
     assert len(graphed) == 2
+    graphed(torch.randn(2, 8, device="cuda"), w)  # evicted by the two above: captured again
+    assert graphed.last_captured
 
 
 @cuda

@@ -164,7 +164,9 @@ class TextToPortrait:
         self._seen.add(signature)
         if self.cuda_graphs and self.graph_failure is None and device.type == "cuda":
             try:
-                return graphed(*inputs.values(), names=tuple(inputs))
+                out = graphed(*inputs.values(), names=tuple(inputs))
+                self._cold |= graphed.last_captured  # also a signature captured again after its eviction
+                return out
             except GraphCaptureError as exc:
                 self.graph_failure = str(exc)
                 log.warning("CUDA graphs off for this run: %s", exc)

@@ -138,6 +138,7 @@ class GraphedFunction:
         self.device = torch.device(device) if device is not None else None
         self.check_finite = bool(check_finite)
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self.last_captured = False  # whether the last call captured (a new signature, or one evicted since)
 
     @staticmethod
     def signature(inputs: tuple[torch.Tensor, ...], device: torch.device) -> tuple:
@@ -200,6 +201,7 @@ class GraphedFunction:
             check_finite({n: x for n, x in zip(names, inputs) if not x.is_cuda})
         key = self.signature(inputs, device)
         entry = self._graphs.get(key)
+        self.last_captured = entry is None
         if entry is None:
             while len(self._graphs) >= self.max_graphs:
                 self._graphs.popitem(last=False)
