@@ -38,7 +38,7 @@ def test_demo_runs_every_stage_and_skips_them_on_rerun(run_cli, tmp_path):
     args = ["experiment=demo", *TINY, "task.preview_samples=2", "task.overlay_size=64", "task.stage1_steps=2",
             "task.stage1_grid_every_steps=0", "evaluation.fid_samples=4", "evaluation.kid_subset_size=4",
             "evaluation.real_max=8", "data.batch_size=2", "task.lvlm_steps=3", "task.stage2_steps=2",
-            "task.prompts=[a photo of a person with short red hair]"]
+            "task.text_eval_values=2", "task.text_eval_samples=2", "task.prompts=[a photo of a person with short red hair]"]
     proc = run_cli(*args, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     demo = tmp_path / "outputs" / "demo"
@@ -122,3 +122,16 @@ def test_stage1_regulariser_sweep(run_cli, tmp_path):
         records = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records if r["event"] == "train"][-1] == 2
         assert sum(r["event"] == "evaluation" for r in records) == 1
+
+
+def test_demo_refuses_text_metric_settings_before_any_stage(tmp_path):
+    """task.text_eval_samples < 2 (diversity needs pairs) is refused naming the key, before any stage runs."""
+    from clipportrait.cli import compose_config
+    from clipportrait.errors import UserError
+    from clipportrait.tasks import demo
+    from clipportrait.tasks.base import RunContext
+
+    cfg = compose_config(["experiment=demo", f"paths.root_dir={tmp_path}", "logger=none", "task.text_eval_samples=1"])
+    with pytest.raises(UserError, match=r"task.text_eval_samples=1"):
+        demo.run(cfg, RunContext(run_dir=tmp_path / "run"))
+    assert not (tmp_path / "outputs").exists()

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..errors import UserError
 from .base import RunContext, TaskConfig
 
 DESCRIPTION = "the whole chain that exists so far on the synthetic default; writes an index page"
@@ -59,6 +60,9 @@ class Schema(TaskConfig):
         "a photo of a person with short black hair and blue eyes", "a photo of a person with dark skin"])
     stage2_steps: int = 50  # Stage-2 training steps (batch data.batch_size); ~5 min on 2 CPU cores
     stage2_train: str = "all"  # all | alignment (see task=train_stage2)
+    # Stage-2 text metrics: the first N colours of each attribute's vocabulary as prompts, M samples each
+    text_eval_values: int = 4
+    text_eval_samples: int = 6
     force: bool = False
 
 
@@ -72,7 +76,8 @@ STAGE_INPUTS = {
     "stage1": ("data", "morphable", "backbone", "discriminator", "deformation", "regularizer", "evaluation", "seed",
                "task.stage1_steps", "task.stage1_grid_every_steps"),
     "canonicalize": ("task.canonical_embed", "task.inversion_steps", "task.inversion_batch"),
-    "stage2": ("regularizer", "evaluation", "seed", "task.stage2_steps", "task.stage2_train"),
+    "stage2": ("regularizer", "evaluation", "seed", "task.stage2_steps", "task.stage2_train", "task.text_eval_values",
+               "task.text_eval_samples"),
     "generate": ("task.prompts",),
 }
 # The regularizer group's Stage-2 fields: Stage 1 does not read them.
@@ -211,7 +216,6 @@ class Demo:
 
     def check(self, folder: Path) -> dict:
         from ..data.format import check_dataset
-        from ..errors import UserError
 
         problems = check_dataset(self.dataset_path)
         if problems:
@@ -415,7 +419,8 @@ class Demo:
 
         dataset = PortraitDataset(self.dataset_path, flip=False, clip_cache=cfg.data.clip_cache)
         clip = build_clip(cfg.lvlm)
-        settings = TextEvalConfig()
+        settings = TextEvalConfig(values_per_attribute=self.cfg.task.text_eval_values,
+                                  samples_per_prompt=self.cfg.task.text_eval_samples)
         probes, unavailable = {}, {}
         for attribute in settings.attributes:
             try:
@@ -464,6 +469,10 @@ class Demo:
 def run(cfg, ctx: RunContext) -> dict:
     from ..utils.console import console
 
+    t = cfg.task
+    if t.text_eval_samples < 2 or t.text_eval_values < 0:  # checked before hours of training, not after
+        raise UserError(f"task.text_eval_samples={t.text_eval_samples}, task.text_eval_values={t.text_eval_values}: "
+                        "expected >= 2 samples per prompt (diversity needs pairs) and >= 0 colours (0: all)")
     demo = Demo(cfg, ctx)
     for name in STAGES:
         demo.stage(name, getattr(demo, name))
