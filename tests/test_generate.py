@@ -524,6 +524,30 @@ def test_generate_and_evaluate_open_checkpoints_with_this_machines_flame_files(c
     assert [o["morphable"] for o in seen] == [flame, flame]
 
 
+def test_a_cache_rewritten_since_training_is_refused_by_generate_and_evaluate(chain, system, tmp_path):
+    """The Stage-2 checkpoint records its canonicalisation cache's manifest identity; generate and evaluate
+    refuse a cache (the recorded one, or task.clip_cache / data.clip_cache) whose identity differs, listing
+    the fields, and accept a moved copy of the same cache."""
+    from clipportrait.canonical.cache import recorded_identity
+    from clipportrait.tasks import evaluate
+
+    assert system.cfg.clip_cache_identity == recorded_identity(chain["cache"]) != {}
+    moved = tmp_path / "moved"
+    shutil.copytree(chain["cache"], moved)
+    generate.run(compose(chain["root"], *generate_args(chain, f"task.clip_cache={moved}", "task.turntable=false")),
+                 RunContext(run_dir=tmp_path / "ok"))
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["dataset_hash"] = "f" * 64  # as if embedded from another dataset
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    expected = _literal("dataset_hash: the checkpoint recorded")
+    with pytest.raises(UserError, match=expected):
+        generate.run(compose(chain["root"], *generate_args(chain, f"task.clip_cache={moved}")),
+                     RunContext(run_dir=tmp_path / "gen"))
+    with pytest.raises(UserError, match=expected):
+        evaluate.run(compose(chain["root"], "task=evaluate", f"task.checkpoint={chain['stage2']}",
+                             f"data.clip_cache={moved}"), RunContext(run_dir=tmp_path / "eval"))
+
+
 BAD_INPUTS = {
     "task.prompts[1]: empty prompt": ["task.prompts=['a person','  ']"],
     "tokens, more than the tokenizer's context length 40": ["task.prompts=['" + "red " * 45 + "']"],

@@ -75,6 +75,30 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             for key in IDENTITY_KEYS if old.get(key) != new.get(key)]
 
 
+def recorded_identity(cache: str | os.PathLike) -> dict[str, Any]:
+    """The identity fields (``IDENTITY_KEYS``) of the cache directory ``cache``, for a checkpoint to record
+    what it was trained on; {} for a ``.npz`` cache, which has no manifest."""
+    if not Path(cache).is_dir():
+        return {}
+    manifest = read_manifest(cache)
+    return json.loads(json.dumps({key: manifest.get(key) for key in IDENTITY_KEYS}))
+
+
+def check_recorded_identity(cache: str | os.PathLike, recorded: dict[str, Any], what: str) -> None:
+    """UserError when the cache directory ``cache`` is no longer the one ``what`` (a checkpoint) recorded
+    with ``recorded_identity``, listing the fields that differ; nothing to check when either side has
+    no identity (a .npz cache, a checkpoint from before identities were recorded)."""
+    current = recorded_identity(cache) if recorded else {}
+    if not current:
+        return
+    diffs = _differences(recorded, current)
+    if diffs:
+        raise UserError(f"canonicalisation cache {cache} is not the one {what} was trained on (rewritten since, or "
+                        "another cache):\n  " + "\n  ".join(d.replace("cache has", "the checkpoint recorded")
+                                                            .replace("this run has", "the cache has now") for d in diffs)
+                        + "\n(point to the cache the checkpoint was trained on, or train Stage 2 on this one)")
+
+
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """The manifest of the cache at ``directory``; UserError when it is missing or not one."""
     path = Path(directory) / MANIFEST

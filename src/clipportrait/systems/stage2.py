@@ -53,6 +53,7 @@ class Stage2Config(Stage1Config):
     stage1_checkpoint: str = ""  # provenance: the Stage-1 checkpoint file and its sha256
     stage1_sha256: str = ""
     clip_cache: str = ""  # provenance: the canonicalisation cache trained on (its manifest names the LVLM)
+    clip_cache_identity: dict = field(default_factory=dict)  # that cache's manifest identity ({} for a .npz)
 
     ARCHITECTURE = Stage1Config.ARCHITECTURE + ("alignment",)
 
@@ -60,7 +61,7 @@ class Stage2Config(Stage1Config):
     def from_dict(cls, data: dict[str, Any]) -> "Stage2Config":
         base = Stage1Config.from_dict(data)
         extra = {"alignment": AlignmentConfig(**data.get("alignment", {}))}
-        for key in ("train", "stage1_images", "stage1_checkpoint", "stage1_sha256", "clip_cache"):
+        for key in ("train", "stage1_images", "stage1_checkpoint", "stage1_sha256", "clip_cache", "clip_cache_identity"):
             if key in data:
                 extra[key] = data[key]
         return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(Stage1Config)}, **extra)

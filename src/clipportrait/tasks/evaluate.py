@@ -51,6 +51,10 @@ def run(cfg, ctx: RunContext) -> dict:
     clip_cache = None
     if kind == "Stage2GAN":
         clip_cache = cfg.data.clip_cache or system.cfg.clip_cache or None
+        if clip_cache:
+            from ..canonical.cache import check_recorded_identity
+
+            check_recorded_identity(clip_cache, system.cfg.clip_cache_identity, f"task.checkpoint={t.checkpoint}")
         if not clip_cache:
             raise UserError(f"{t.checkpoint} is a Stage-2 checkpoint: set data.clip_cache to its canonicalisation cache "
                             "(the fakes are conditioned on the embeddings of the dataset rows they are drawn from)")

@@ -182,6 +182,10 @@ def run(cfg, ctx: RunContext) -> dict:
     morph = resolve_morphable(model, seeds, t.expression, t.expression_vector, t.shape_vector, t.jaw,
                               dataset_path=str(cfg.data.path))
     cache = t.clip_cache or system.cfg.clip_cache or None
+    if cache:
+        from ..canonical.cache import check_recorded_identity
+
+        check_recorded_identity(cache, system.cfg.clip_cache_identity, f"task.checkpoint={t.checkpoint}")
     lvlm = {"model_id": clip.model_id, "arch": cfg.lvlm.arch, "kind": cfg.lvlm.kind, **check_lvlm(cache, clip)}
     gap = None
     if t.modality_gap == "mean_offset":

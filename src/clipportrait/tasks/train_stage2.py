@@ -87,6 +87,7 @@ def check_cache_provenance(cache: str, stage1: str | None = None, stage1_sha256:
 def run(cfg, ctx: RunContext) -> dict:
     import dataclasses
 
+    from ..canonical.cache import recorded_identity
     from ..errors import UserError
     from ..systems.stage1 import CHECKPOINT_KEY, Stage1Config, check_compatible, load_checkpoint
     from ..systems.stage2 import TRAINABLE, Stage2Config, Stage2GAN
@@ -126,7 +127,7 @@ def run(cfg, ctx: RunContext) -> dict:
         check_cache_provenance(cfg.data.clip_cache, stage1_sha256=recorded.get("stage1_sha256"),
                                source=f"task.resume={t.resume}")
         data = {**meta["config"], **training, "alignment": dataclasses.asdict(alignment), "train": t.train,
-                "clip_cache": str(cfg.data.clip_cache)}
+                "clip_cache": str(cfg.data.clip_cache), "clip_cache_identity": recorded_identity(cfg.data.clip_cache)}
         system = Stage2GAN(Stage2Config.from_dict(data), metrics_log=ctx.metrics.write)
     else:
         if not t.stage1:
@@ -136,4 +137,5 @@ def run(cfg, ctx: RunContext) -> dict:
         system = Stage2GAN.from_stage1(t.stage1, alignment=alignment, train=t.train, overrides=training,
                                        expect=wanted, metrics_log=ctx.metrics.write)
         system.cfg.clip_cache = str(cfg.data.clip_cache)
+        system.cfg.clip_cache_identity = recorded_identity(cfg.data.clip_cache)
     return fit(cfg, ctx, system)
