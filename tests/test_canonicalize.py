@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from test_stage1 import small_config
 
 from clipportrait.canonical.cache import (CacheWriter, iter_shards, load_canonical_embeddings, make_identity,
@@ -314,7 +315,8 @@ def test_each_image_of_a_batch_is_optimised_independently_and_w_plus_has_a_w_per
 
 def test_mean_w_is_the_mean_of_mapped_latents(world):
     """w_init=sampled: the float64 mean of G_ema's mapping over the seeded z; auto falls back to it when
-    the tracked w_avg buffer was never updated (all zeros), and uses the buffer once it has values."""
+    the tracked w_avg buffer was never updated (all zeros) or is still far from the mean (a briefly
+    trained model), and uses the buffer once it is within 10% of the mean; w_init=buffer always does."""
     mapping = world["system"].G_ema.mapping
     cfg = InversionConfig(w_avg_samples=300, seed=5)
     w, source = mean_w(mapping, cfg)
@@ -324,9 +326,13 @@ def test_mean_w_is_the_mean_of_mapped_latents(world):
     assert source == "sampled" and torch.allclose(w, reference, atol=1e-6)
     saved = mapping.w_avg.clone()
     try:
-        mapping.w_avg.fill_(0.25)
-        w, source = mean_w(mapping, cfg)
-        assert source == "buffer" and torch.equal(w, mapping.w_avg)
+        near = reference + 0.05 * reference.norm() * F.normalize(torch.ones_like(reference), dim=0)
+        far = reference + 0.2 * reference.norm() * F.normalize(torch.ones_like(reference), dim=0)
+        for buffer, w_init, expected in ((near, "auto", "buffer"), (far, "auto", "sampled"), (far, "buffer", "buffer")):
+            mapping.w_avg.copy_(buffer)
+            w, source = mean_w(mapping, InversionConfig(w_avg_samples=300, seed=5, w_init=w_init))
+            assert source == expected, (w_init, expected)
+            assert torch.equal(w, buffer) if expected == "buffer" else torch.allclose(w, reference, atol=1e-6)
     finally:
         mapping.w_avg.copy_(saved)
 

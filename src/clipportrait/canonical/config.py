@@ -28,7 +28,7 @@ class InversionConfig:
     lpips_net: str = "vgg"
     lpips_resolution: int = 0  # compare at this size (area downsampling); 0: the generator's output size
     # Start: "buffer" = the mapping's tracked w_avg (copied from G into G_ema); "sampled" = mean of
-    # w over w_avg_samples seeded z; "auto" = buffer unless it was never updated (all zeros).
+    # w over w_avg_samples seeded z; "auto" = buffer when it is within 10% of the sampled mean, else sampled.
     w_init: str = "auto"
     w_avg_samples: int = 10000
     seed: int = 0  # z of the sampled mean

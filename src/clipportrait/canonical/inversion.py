@@ -74,17 +74,26 @@ def _ramped_rate(step: int, steps: int, cfg: InversionConfig) -> float:
 
 @torch.no_grad()
 def mean_w(mapping: torch.nn.Module, cfg: InversionConfig) -> tuple[torch.Tensor, str]:
-    """The starting w (w_dim,) and where it came from ("buffer" or "sampled")."""
+    """The starting w (w_dim,) and where it came from ("buffer" or "sampled"). ``auto`` takes the tracked
+    w_avg only when it is within ``AUTO_TOLERANCE`` of the sampled mean's norm from it: the buffer is a
+    running mean from zero that stays far from the mean of w for the first few thousand training steps
+    (the test ``task=generate`` applies to its truncation centre too, ``settle_truncation_centre``)."""
+    from ..nn.mapping import sampled_mean_w
+
     buffer = getattr(mapping, "w_avg", None)
-    use_buffer = cfg.w_init == "buffer" or (cfg.w_init == "auto" and buffer is not None and bool(buffer.any()))
-    if use_buffer:
+    if cfg.w_init == "buffer":
         if buffer is None:
             raise ValueError("inversion.w_init=buffer: the generator's mapping tracks no w_avg (w_avg_beta is None); "
                              "use w_init=sampled")
         return buffer.detach().float().clone(), "buffer"
-    from ..nn.mapping import sampled_mean_w
+    sampled = sampled_mean_w(mapping, cfg.w_avg_samples, cfg.seed)
+    if cfg.w_init == "auto" and buffer is not None and bool(buffer.any()):
+        if float((buffer.float() - sampled).norm()) <= AUTO_TOLERANCE * float(sampled.norm()):
+            return buffer.detach().float().clone(), "buffer"
+    return sampled, "sampled"
 
-    return sampled_mean_w(mapping, cfg.w_avg_samples, cfg.seed), "sampled"
+
+AUTO_TOLERANCE = 0.1  # w_init=auto: the tracked w_avg counts as converged within this fraction of |mean w|
 
 
 def neutral_condition(morphable, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
