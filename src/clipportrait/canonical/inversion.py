@@ -75,10 +75,10 @@ def _ramped_rate(step: int, steps: int, cfg: InversionConfig) -> float:
 @torch.no_grad()
 def mean_w(mapping: torch.nn.Module, cfg: InversionConfig) -> tuple[torch.Tensor, str]:
     """The starting w (w_dim,) and where it came from ("buffer" or "sampled"). ``auto`` takes the tracked
-    w_avg only when it is within ``AUTO_TOLERANCE`` of the sampled mean's norm from it: the buffer is a
-    running mean from zero that stays far from the mean of w for the first few thousand training steps
-    (the test ``task=generate`` applies to its truncation centre too, ``settle_truncation_centre``)."""
-    from ..nn.mapping import sampled_mean_w
+    w_avg only when it is within 10% of the sampled mean's norm from it (``tracked_mean_converged``): the
+    buffer is a running mean from zero that stays far from the mean of w for the first few thousand
+    training steps (``task=generate`` applies the same test to its truncation centre)."""
+    from ..nn.mapping import sampled_mean_w, tracked_mean_converged
 
     buffer = getattr(mapping, "w_avg", None)
     if cfg.w_init == "buffer":
@@ -87,13 +87,9 @@ def mean_w(mapping: torch.nn.Module, cfg: InversionConfig) -> tuple[torch.Tensor
                              "use w_init=sampled")
         return buffer.detach().float().clone(), "buffer"
     sampled = sampled_mean_w(mapping, cfg.w_avg_samples, cfg.seed)
-    if cfg.w_init == "auto" and buffer is not None and bool(buffer.any()):
-        if float((buffer.float() - sampled).norm()) <= AUTO_TOLERANCE * float(sampled.norm()):
-            return buffer.detach().float().clone(), "buffer"
+    if cfg.w_init == "auto" and buffer is not None and bool(buffer.any()) and tracked_mean_converged(buffer, sampled):
+        return buffer.detach().float().clone(), "buffer"
     return sampled, "sampled"
-
-
-AUTO_TOLERANCE = 0.1  # w_init=auto: the tracked w_avg counts as converged within this fraction of |mean w|
 
 
 def neutral_condition(morphable, batch: int, device: torch.device) -> dict[str, torch.Tensor]:

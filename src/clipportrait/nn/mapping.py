@@ -106,9 +106,18 @@ def sampled_mean_w(mapping: MappingNetwork, samples: int, seed: int) -> torch.Te
     return (total / samples).float()
 
 
+TRACKED_MEAN_TOLERANCE = 0.1
+
+
+def tracked_mean_converged(tracked: torch.Tensor, sampled: torch.Tensor,
+                           tolerance: float = TRACKED_MEAN_TOLERANCE) -> bool:
+    """Whether the tracked w_avg is within ``tolerance`` of the sampled mean's norm from ``sampled_mean_w``."""
+    return float((tracked.float() - sampled).norm()) <= tolerance * float(sampled.norm())
+
+
 @torch.no_grad()
-def settle_truncation_centre(mapping: MappingNetwork, samples: int = 10000, tolerance: float = 0.1,
-                             seed: int = 0) -> dict:
+def settle_truncation_centre(mapping: MappingNetwork, samples: int = 10000,
+                             tolerance: float = TRACKED_MEAN_TOLERANCE, seed: int = 0) -> dict:
     """Make truncation's centre the mean of w: the tracked w_avg (a running mean from zero with no bias
     correction, as in EG3D) stays far from it for the first few thousand steps of training. When it is
     more than ``tolerance`` of the mean's norm away from ``sampled_mean_w``, the sampled mean replaces it
@@ -117,7 +126,7 @@ def settle_truncation_centre(mapping: MappingNetwork, samples: int = 10000, tole
     distance = float((mapping.w_avg.float() - sampled).norm())
     record = {"tracked_distance_to_sampled_mean": round(distance, 4), "sampled_mean_norm": round(float(sampled.norm()), 4),
               "samples": samples}
-    if distance <= tolerance * float(sampled.norm()):
+    if tracked_mean_converged(mapping.w_avg, sampled, tolerance):
         return {"centre": "tracked w_avg", **record}
     mapping.w_avg.copy_(sampled)
     return {"centre": "sampled mean (tracked w_avg not converged)", **record}
