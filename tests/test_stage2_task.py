@@ -112,3 +112,5 @@ def test_resume_refuses_a_canonical_cache_of_another_stage1_checkpoint(chain, tm
     with pytest.raises(UserError, match=r"another Stage-1 checkpoint.*the Stage-1 checkpoint of task\.resume="):
         train_stage2.run(compose(chain["root"], *args, f"data.clip_cache={cache}", f"task.resume={chain['stage2']}",
                                  "trainer.max_steps=3"), RunContext(run_dir=tmp_path / "resumed"))
+    with pytest.raises(UserError, match=r"another Stage-1 checkpoint.*; task\.stage1=.* has sha256 [0-9a-f]{64}"):
+        train_stage2.run(compose(chain["root"], *args, f"data.clip_cache={cache}"), RunContext(run_dir=tmp_path / "fresh"))

@@ -70,8 +70,9 @@ def make_identity(*, embed: str, stage1_sha256: str | None, lvlm_model_id: str, 
     return json.loads(json.dumps(identity))
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [f"{key}: cache has {old.get(key)!r}, this run has {new.get(key)!r}"
+def _differences(old: dict[str, Any], new: dict[str, Any], old_is: str = "cache has",
+                 new_is: str = "this run has") -> list[str]:
+    return [f"{key}: {old_is} {old.get(key)!r}, {new_is} {new.get(key)!r}"
             for key in IDENTITY_KEYS if old.get(key) != new.get(key)]
 
 
@@ -91,12 +92,10 @@ def check_recorded_identity(cache: str | os.PathLike, recorded: dict[str, Any], 
     current = recorded_identity(cache) if recorded else {}
     if not current:
         return
-    diffs = _differences(recorded, current)
+    diffs = _differences(recorded, current, "the checkpoint recorded", "the cache has now")
     if diffs:
         raise UserError(f"canonicalisation cache {cache} is not the one {what} was trained on (rewritten since, or "
-                        "another cache):\n  " + "\n  ".join(d.replace("cache has", "the checkpoint recorded")
-                                                            .replace("this run has", "the cache has now") for d in diffs)
-                        + "\n(point to the cache the checkpoint was trained on, or train Stage 2 on this one)")
+                        "another cache):\n  " + "\n  ".join(diffs) + "\n(point to the cache the checkpoint was trained on, or train Stage 2 on this one)")
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:

@@ -115,7 +115,7 @@ class TextToPortrait:
         self.latency = LatencyMeter()
         self.cuda_graphs = bool(cuda_graphs)
         self.graph_failure: str | None = None  # why capturing failed (the engine then runs eagerly)
-        self._seen: set[tuple] = set()  # (graph name, input signature) of every call so far
+        self._seen: set[tuple] = set()  # (graph name, input signature) of every eager call so far
         self._cold = False  # whether the call being measured ran a signature for the first time
         self._graphs = {"text": GraphedFunction(self._embed_tokens, device=clip.device, check_finite=True),
                         "portrait": GraphedFunction(self._portrait, device=device, check_finite=True),
@@ -159,17 +159,17 @@ class TextToPortrait:
         CUDA graph when enabled and on CUDA, else called; a capture that fails is logged once and the
         engine goes on eagerly."""
         graphed = self._graphs[name]
-        signature = (name, GraphedFunction.signature(tuple(inputs.values()), device))  # what a graph is keyed on
-        self._cold |= signature not in self._seen
-        self._seen.add(signature)
         if self.cuda_graphs and self.graph_failure is None and device.type == "cuda":
             try:
                 out = graphed(*inputs.values(), names=tuple(inputs))
-                self._cold |= graphed.last_captured  # also a signature captured again after its eviction
+                self._cold |= graphed.last_captured  # a new signature, or one captured again after its eviction
                 return out
             except GraphCaptureError as exc:
                 self.graph_failure = str(exc)
                 log.warning("CUDA graphs off for this run: %s", exc)
+        signature = (name, GraphedFunction.signature(tuple(inputs.values()), device))  # eager: compiled per signature
+        self._cold |= signature not in self._seen
+        self._seen.add(signature)
         check_finite(inputs)
         return graphed.fn(*(x.to(device) for x in inputs.values()))
 

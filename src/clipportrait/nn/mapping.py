@@ -130,4 +130,3 @@ def settle_truncation_centre(mapping: MappingNetwork, samples: int = 10000,
         return {"centre": "tracked w_avg", **record}
     mapping.w_avg.copy_(sampled)
     return {"centre": "sampled mean (tracked w_avg not converged)", **record}
-

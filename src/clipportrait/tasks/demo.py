@@ -469,10 +469,14 @@ class Demo:
 def run(cfg, ctx: RunContext) -> dict:
     from ..utils.console import console
 
+    from ..metrics.stage2 import TextEvalConfig
+
     t = cfg.task
-    if t.text_eval_samples < 2 or t.text_eval_values < 0:  # checked before hours of training, not after
+    try:  # checked before hours of training, not after
+        TextEvalConfig(values_per_attribute=t.text_eval_values, samples_per_prompt=t.text_eval_samples).validate()
+    except ValueError as err:
         raise UserError(f"task.text_eval_samples={t.text_eval_samples}, task.text_eval_values={t.text_eval_values}: "
-                        "expected >= 2 samples per prompt (diversity needs pairs) and >= 0 colours (0: all)")
+                        f"{err}") from None
     demo = Demo(cfg, ctx)
     for name in STAGES:
         demo.stage(name, getattr(demo, name))

@@ -60,15 +60,13 @@ def embedding_width(path: str) -> int:
         raise UserError(f"data.clip_cache={path}: unreadable as a CLIP cache ({type(err).__name__}: {err})") from None
 
 
-def check_cache_provenance(cache: str, stage1: str | None = None, stage1_sha256: str | None = None,
-                           source: str | None = None) -> None:
+def check_cache_provenance(cache: str, stage1_sha256: str, source: str) -> None:
     """A canonical cache must come from the Stage-1 checkpoint that Stage 2 starts from (eq. 9-10 inverted
-    into that generator): ``stage1`` (a file, hashed here) or its recorded ``stage1_sha256`` (``source``
-    says where that came from). A raw cache (the Fig. 4 ablation) has no such link."""
+    into that generator), whose sha256 is ``stage1_sha256`` (``source`` says which checkpoint that is). A
+    raw cache (the Fig. 4 ablation) has no such link."""
     from pathlib import Path
 
     from ..canonical.cache import read_manifest
-    from ..utils.files import sha256_file
     from ..errors import UserError
 
     if not Path(cache).is_dir():
@@ -76,11 +74,9 @@ def check_cache_provenance(cache: str, stage1: str | None = None, stage1_sha256:
     manifest = read_manifest(cache)
     if manifest.get("embed") != "canonical":
         return
-    actual = sha256_file(Path(stage1)) if stage1 is not None else stage1_sha256
-    if manifest.get("stage1_sha256") != actual:
-        where = f"task.stage1={stage1}" if stage1 is not None else f"the Stage-1 checkpoint of {source}"
+    if manifest.get("stage1_sha256") != stage1_sha256:
         raise UserError(f"data.clip_cache={cache} was made with another Stage-1 checkpoint (sha256 "
-                        f"{manifest.get('stage1_sha256')}); {where} has sha256 {actual}: run "
+                        f"{manifest.get('stage1_sha256')}); {source} has sha256 {stage1_sha256}: run "
                         "task=canonicalize with this checkpoint, or start Stage 2 from the one the cache used")
 
 
@@ -124,8 +120,8 @@ def run(cfg, ctx: RunContext) -> dict:
             raise UserError(f"task.train={t.train} but the run in {t.resume} trains {recorded.get('train', 'all')!r} "
                             "(its optimiser state belongs to those parameters): resume with that value, or start a "
                             "new Stage-2 run from the Stage-1 checkpoint")
-        check_cache_provenance(cfg.data.clip_cache, stage1_sha256=recorded.get("stage1_sha256"),
-                               source=f"task.resume={t.resume}")
+        check_cache_provenance(cfg.data.clip_cache, recorded.get("stage1_sha256"),
+                               f"the Stage-1 checkpoint of task.resume={t.resume}")
         data = {**meta["config"], **training, "alignment": dataclasses.asdict(alignment), "train": t.train,
                 "clip_cache": str(cfg.data.clip_cache), "clip_cache_identity": recorded_identity(cfg.data.clip_cache)}
         system = Stage2GAN(Stage2Config.from_dict(data), metrics_log=ctx.metrics.write)
@@ -133,9 +129,9 @@ def run(cfg, ctx: RunContext) -> dict:
         if not t.stage1:
             raise UserError("task.stage1 is not set: Stage 2 starts from a Stage-1 checkpoint "
                             "(<stage-1 run>/checkpoints/last.ckpt)")
-        check_cache_provenance(cfg.data.clip_cache, t.stage1)
         system = Stage2GAN.from_stage1(t.stage1, alignment=alignment, train=t.train, overrides=training,
-                                       expect=wanted, metrics_log=ctx.metrics.write)
+                                       expect=wanted, metrics_log=ctx.metrics.write)  # hashes the file once
+        check_cache_provenance(cfg.data.clip_cache, system.cfg.stage1_sha256, f"task.stage1={t.stage1}")
         system.cfg.clip_cache = str(cfg.data.clip_cache)
         system.cfg.clip_cache_identity = recorded_identity(cfg.data.clip_cache)
     return fit(cfg, ctx, system)
